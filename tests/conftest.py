@@ -1,0 +1,54 @@
+"""Shared fixtures.
+
+Real data lives outside the repository, in ``../shared`` beside the checkout (or wherever
+``CDPDNET_SHARED_DIR`` points). Tests that need it ask for ``shared_path(...)`` and are skipped,
+with the reason printed, where it is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_shared_dir() -> Path | None:
+    """``$CDPDNET_SHARED_DIR``, else ``../shared`` beside the checkout; None when absent."""
+    env = os.environ.get("CDPDNET_SHARED_DIR")
+    candidates = [Path(env)] if env else []
+    candidates.append(REPO_ROOT.parent / "shared")
+    for c in candidates:
+        if c.is_dir():
+            return c
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_path() -> Callable[..., Path]:
+    """Return a function mapping path parts under ``shared/`` to a Path, skipping if absent."""
+
+    root = resolve_shared_dir()
+
+    def get(*parts: str) -> Path:
+        if root is None:
+            pytest.skip(
+                "shared test data not found: set CDPDNET_SHARED_DIR or place 'shared/' "
+                f"beside the checkout ({REPO_ROOT.parent / 'shared'})"
+            )
+        p = root.joinpath(*parts)
+        if not p.exists():
+            pytest.skip(f"shared test file missing: {p}")
+        return p
+
+    return get
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never download: the Hugging Face hub is forced offline for every test."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
