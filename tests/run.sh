@@ -45,7 +45,9 @@ if [ ! -x "$venv/bin/python" ]; then
   log "creating $venv"
   "$python" -m venv "$venv"
 fi
-pip=("$venv/bin/python" -m pip -q --disable-pip-version-check)
+pip_() {  # quiet pip; hides the harmless "Location ... is ignored" lines of local mirrors
+  "$venv/bin/python" -m pip -q --disable-pip-version-check "$@" 2> >(grep -v "^WARNING: Location" >&2)
+}
 
 # ---------------------------------------------------------------- 3. PyTorch
 # Kept out of the project's dependencies on purpose: the right build depends on the machine.
@@ -64,18 +66,18 @@ if ! "$venv/bin/python" -c "import torch" >/dev/null 2>&1; then
   spec="$(choose_torch)"
   log "installing PyTorch: pip install $spec"
   # shellcheck disable=SC2086
-  "${pip[@]}" install $spec
+  pip_ install $spec
 fi
 torch_version="$("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
 
 # ---------------------------------------------------------------- 4. the package, as a wheel
 log "building the wheel"
 rm -rf "$here/dist"
-"${pip[@]}" wheel --no-deps -w "$here/dist" "$here" >/dev/null
+pip_ wheel --no-deps -w "$here/dist" "$here" >/dev/null
 wheel="$(ls "$here"/dist/napari_cdpdnet-*.whl)"
 log "installing $(basename "$wheel") with [all,testing] (torch $torch_version kept)"
-"${pip[@]}" install "torch==$torch_version" "${wheel}[all,testing]"
-"${pip[@]}" install --force-reinstall --no-deps "$wheel"
+pip_ install "torch==$torch_version" "${wheel}[all,testing]"
+pip_ install --force-reinstall --no-deps "$wheel"
 now="$("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
 [ "$now" = "$torch_version" ] || { log "torch changed from $torch_version to $now"; exit 1; }
 
