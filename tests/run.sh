@@ -76,7 +76,7 @@ rm -rf "$here/dist"
 pip_ wheel --no-deps -w "$here/dist" "$here" >/dev/null
 wheel="$(ls "$here"/dist/napari_cdpdnet-*.whl)"
 log "installing $(basename "$wheel") with [all,testing] (torch $torch_version kept)"
-pip_ install "torch==$torch_version" "${wheel}[all,testing]"
+pip_ install "torch==${torch_version%%+*}" "${wheel}[all,testing]"
 pip_ install --force-reinstall --no-deps "$wheel"
 now="$("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
 [ "$now" = "$torch_version" ] || { log "torch changed from $torch_version to $now"; exit 1; }
