@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -124,16 +125,28 @@ def _candidate_files(folder: Path, recursive: bool) -> Iterable[Path]:
             yield p
 
 
-def folder_has_dicom(folder: str | Path, *, max_files: int = 64) -> bool:
-    """Cheap check: does one of the first ``max_files`` files under ``folder`` look like DICOM?"""
+def folder_has_dicom(folder: str | Path, *, max_files: int = 64, max_folders: int = 256) -> bool:
+    """Cheap check: is one of the first ``max_files`` files under ``folder`` DICOM?
+
+    Walks lazily (top folder first, no sorting) and gives up after ``max_files`` files or
+    ``max_folders`` folders, so dropping a huge folder on napari does not stall it.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         return False
-    for i, p in enumerate(_candidate_files(folder, recursive=True)):
-        if i >= max_files:
+    files_seen = 0
+    for n_dirs, (root, dirs, files) in enumerate(os.walk(folder)):
+        if n_dirs >= max_folders:
             return False
-        if is_dicom_file(p):
-            return True
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if name.startswith(".") or name.upper() == "DICOMDIR":
+                continue
+            if is_dicom_file(os.path.join(root, name)):
+                return True
+            files_seen += 1
+            if files_seen >= max_files:
+                return False
     return False
 
 

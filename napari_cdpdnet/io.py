@@ -388,9 +388,7 @@ def _hu_warnings(array: np.ndarray, path: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------- reading
-def _read_dicom(
-    path: Path, *, series_uid: str | None, allow_non_ct: bool
-) -> tuple[np.ndarray, Geometry, dict[str, Any], list[str]]:
+def _read_dicom(path: Path, *, series_uid: str | None, allow_non_ct: bool) -> _Volume:
     if path.is_dir():
         series, notes = select_series(path, series_uid=series_uid, allow_non_ct=allow_non_ct)
     else:
@@ -399,7 +397,29 @@ def _read_dicom(
             path.parent, series_uid=uid, allow_non_ct=allow_non_ct, recursive=False
         )
     vol = read_dicom_volume(series)
-    return vol.array, vol.geometry, vol.info, notes + vol.warnings
+    return _Volume(vol.array, vol.geometry, vol.info, notes + vol.warnings)
+
+
+def _as_ct_image(path: Path, vol: _Volume, allow_non_ct: bool) -> CTImage:
+    """Check the modality, store HU compactly, add the HU sanity warning, log the warnings."""
+    warnings = list(vol.warnings)
+    modality = str(vol.info.get("modality") or "")
+    if modality and modality != "CT":
+        if not allow_non_ct:
+            raise InputError(
+                f"{path}: the header says modality {modality}, not CT; CDPDNet segments CT only. "
+                "Pass allow_non_ct=True to read it anyway."
+            )
+        warnings.append(
+            f"{path}: modality {modality}, not CT; CDPDNet was trained on CT and its masks will "
+            "not be meaningful on this image"
+        )
+    array = _as_hu(vol.array)
+    warnings.extend(_hu_warnings(array, path))
+    for w in warnings:
+        logger.warning("%s", w)
+    logger.info("read %s: %s %s, spacing %s mm", path, array.shape, array.dtype, vol.geometry.spacing)
+    return CTImage(array, vol.geometry, path, tuple(warnings), vol.info)
 
 
 def read_ct(
@@ -429,33 +449,14 @@ def read_ct(
     """
     p = _existing(path)
     if p.is_dir() or (full_suffix(p) not in _VOLUME_FORMATS and is_dicom_file(p)):
-        array, geometry, info, warnings = _read_dicom(
-            p, series_uid=series_uid, allow_non_ct=allow_non_ct
-        )
+        vol = _read_dicom(p, series_uid=series_uid, allow_non_ct=allow_non_ct)
     elif full_suffix(p) in _DICOM_SUFFIXES:
         raise InputError(f"{p}: not a DICOM file (no DICM marker), or the file is damaged")
+    elif series_uid is not None:
+        raise InputError(f"{p}: series_uid only applies to DICOM folders and files")
     else:
         vol = _read_file(p)
-        array, geometry, info, warnings = vol.array, vol.geometry, vol.info, vol.warnings
-        if series_uid is not None:
-            raise InputError(f"{p}: series_uid only applies to DICOM; this is a {info['format']} file")
-    modality = str(info.get("modality") or "")
-    if modality and modality != "CT":
-        if not allow_non_ct:
-            raise InputError(
-                f"{p}: the header says modality {modality}, not CT; CDPDNet segments CT only. "
-                "Pass allow_non_ct=True to read it anyway."
-            )
-        warnings.append(
-            f"{p}: modality {modality}, not CT; CDPDNet was trained on CT and its masks will not "
-            "be meaningful on this image"
-        )
-    array = _as_hu(array)
-    warnings.extend(_hu_warnings(array, p))
-    for w in warnings:
-        logger.warning("%s", w)
-    logger.info("read %s: %s %s, spacing %s mm", p, array.shape, array.dtype, geometry.spacing)
-    return CTImage(array, geometry, p, tuple(warnings), info)
+    return _as_ct_image(p, vol, allow_non_ct)
 
 
 def read_label_map(path: str | os.PathLike[str]) -> tuple[np.ndarray, Geometry]:
@@ -490,13 +491,13 @@ def read_image_or_labels(
     as uint8/uint16/int32 and no HU checks apply. Other files are read as by :func:`read_ct`.
     """
     p = _existing(path)
-    if p.is_dir() or full_suffix(p) not in _VOLUME_FORMATS:
+    if p.is_dir() or full_suffix(p) not in _VOLUME_FORMATS or series_uid is not None:
         return "image", read_ct(p, series_uid=series_uid, allow_non_ct=allow_non_ct)
     vol = _read_file(p)
     if full_suffix(p) == ".seg.nrrd" or looks_like_label_map(vol.array):
         labels = _as_labels(vol.array, str(p))
         return "labels", CTImage(labels, vol.geometry, p, tuple(vol.warnings), vol.info)
-    return "image", read_ct(p, allow_non_ct=allow_non_ct)
+    return "image", _as_ct_image(p, vol, allow_non_ct)
 
 
 # ---------------------------------------------------------------------------------- writing

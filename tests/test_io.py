@@ -397,6 +397,7 @@ def test_folder_with_several_series_picks_biggest_ct_and_says_so(tmp_path: Path)
     write_series(tmp_path / "a", ct_volume((3, 4, 4)), positions=pos(3), series_uid="1.2.3.1", description="small")
     write_series(tmp_path / "b", ct_volume((5, 4, 4)), positions=pos(5), series_uid="1.2.3.2", description="big")
     write_series(tmp_path / "c", ct_volume((9, 4, 4)), positions=pos(9), series_uid="1.2.3.3", modality="MR")
+    assert is_supported_path(tmp_path)  # series in sub-folders are found
     found = {s.uid: s for s in list_dicom_series(tmp_path)}
     assert {u: (s.modality, s.num_slices) for u, s in found.items()} == {
         "1.2.3.1": ("CT", 3), "1.2.3.2": ("CT", 5), "1.2.3.3": ("MR", 9),
@@ -663,11 +664,13 @@ def test_read_image_or_labels_tells_them_apart(tmp_path: Path) -> None:
 
 
 def test_module_import_is_light() -> None:
+    """napari imports the reader at start-up: SimpleITK, pydicom, scipy only load on first read."""
     import subprocess
     import sys
 
     code = (
-        "import sys, napari_cdpdnet.io, napari_cdpdnet.fileutil\n"
+        "import sys, napari_cdpdnet.io, napari_cdpdnet.fileutil, napari_cdpdnet._reader, "
+        "napari_cdpdnet._writer\n"
         "heavy = [m for m in ('SimpleITK', 'pydicom', 'torch', 'napari', 'scipy') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
