@@ -1,0 +1,76 @@
+"""napari reader (npe2 contribution): CT files and DICOM folders as layers with patient geometry.
+
+Thin adapter over :mod:`napari_cdpdnet.io`. ``napari_get_reader`` only makes cheap checks (suffix,
+the 132-byte DICOM preamble) and never raises; the returned function does the reading and lets
+:class:`~napari_cdpdnet.errors.CdpdnetError` propagate, which napari shows to the user.
+
+Layer metadata convention (read by the other widgets of this plugin):
+``metadata = {"geometry": Geometry, "source_path": str, "warnings": [str, ...], "info": {...}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from napari_cdpdnet.io import CTImage, is_supported_path, read_image_or_labels
+
+__all__ = ["napari_get_reader", "read_layers", "layer_data", "ABDOMEN_WINDOW"]
+
+logger = logging.getLogger(__name__)
+
+#: Soft-tissue (abdomen) window: level 40 HU, width 400 HU, as napari contrast limits.
+ABDOMEN_WINDOW = (-160.0, 240.0)
+
+LayerData = tuple[Any, dict[str, Any], str]
+PathOrPaths = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+
+
+def napari_get_reader(path: PathOrPaths) -> Callable[[PathOrPaths], list[LayerData]] | None:
+    """Return :func:`read_layers` if every path looks readable here, else None (never raises)."""
+    try:
+        paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+        if paths and all(is_supported_path(p) for p in paths):
+            return read_layers
+    except Exception:  # noqa: BLE001 - a reader probe must never break napari's open dialog
+        logger.debug("napari_get_reader(%r) declined after an error", path, exc_info=True)
+    return None
+
+
+def layer_data(kind: str, image: CTImage) -> LayerData:
+    """One napari LayerData tuple for an image or label map read by :mod:`napari_cdpdnet.io`."""
+    kwargs: dict[str, Any] = {
+        "name": image.name,
+        "metadata": {
+            "geometry": image.geometry,
+            "source_path": str(image.path),
+            "warnings": list(image.warnings),
+            "info": dict(image.info),
+        },
+        **image.geometry.napari_transform(),
+    }
+    if kind == "image":
+        modality = str(image.info.get("modality") or "CT")
+        kwargs["colormap"] = "gray"
+        if modality == "CT":
+            kwargs["contrast_limits"] = ABDOMEN_WINDOW
+    return image.array, kwargs, kind
+
+
+def read_layers(path: PathOrPaths) -> list[LayerData]:
+    """Read each path (file or DICOM folder) into one layer; warnings become napari notifications.
+
+    Non-CT images are opened (for viewing) with a warning in ``metadata["warnings"]``; the
+    segmentation widget decides what to do with them.
+    """
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    out = []
+    for p in paths:
+        kind, image = read_image_or_labels(p, allow_non_ct=True)
+        for message in image.warnings:
+            warnings.warn(message, UserWarning, stacklevel=2)
+        out.append(layer_data(kind, image))
+    return out

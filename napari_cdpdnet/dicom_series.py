@@ -1,0 +1,690 @@
+"""CT volumes from DICOM folders: find the series, order its slices, get the geometry right.
+
+Headers are inspected with pydicom (no pixel data is read); pixels are decoded per file by
+SimpleITK/GDCM, which handles the compressed transfer syntaxes (JPEG, JPEG-LS, JPEG 2000, RLE)
+and applies rescale slope/intercept. The geometry is computed here from ImagePositionPatient and
+ImageOrientationPatient instead of being taken from ITK's series reader, because that reader
+averages uneven slice gaps and ignores gantry tilt without telling anyone. Here both are detected,
+reported as warnings, and corrected by interpolation so that every voxel sits where the scanner
+says it is.
+
+Only numpy is imported at module level; pydicom, SimpleITK and scipy are imported when used.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from napari_cdpdnet.errors import InputError
+from napari_cdpdnet.geometry import DicomReference, Geometry
+
+__all__ = [
+    "DicomSeriesInfo",
+    "DicomVolume",
+    "list_dicom_series",
+    "read_dicom_volume",
+    "is_dicom_file",
+    "folder_has_dicom",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Spacing outside this range (mm) is a broken header, not a scan.
+MIN_SPACING_MM = 0.05
+MAX_SPACING_MM = 50.0
+
+#: Slice positions closer than this (mm) to a uniform grid count as uniform; beyond it we resample.
+_UNIFORM_ABS_TOL_MM = 0.01
+_UNIFORM_REL_TOL = 0.02
+#: In-plane drift between slices (in pixels) beyond which the series is treated as gantry-tilted.
+_TILT_TOL_PIXELS = 0.05
+#: A resampled series may not grow beyond this many slices (protects memory on absurd gaps).
+_MAX_RESAMPLED_SLICES = 4096
+
+#: Header elements read while scanning (pixel data is never read here).
+_SCAN_TAGS = [
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+    "FrameOfReferenceUID", "Modality", "SeriesDescription", "SeriesNumber", "InstanceNumber",
+    "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns",
+    "NumberOfFrames", "PatientID", "GantryDetectorTilt", "StudyDescription", "StudyDate",
+    "Manufacturer", "ManufacturerModelName", "KVP", "ConvolutionKernel", "SliceThickness",
+    "BodyPartExamined", "ContrastBolusAgent", "ImageType", "AcquisitionNumber",
+]
+
+#: Modalities that are CT (CT proper; "CT" is also used by most PET/CT and SPECT/CT CT parts).
+CT_MODALITIES = frozenset({"CT"})
+
+#: Derived objects that may carry frames but are never a volume to segment.
+_DERIVED_MODALITIES = frozenset({"SEG", "RTSTRUCT", "RTDOSE", "RTPLAN", "SR", "PR", "KO", "REG"})
+
+_MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+
+
+@dataclass(frozen=True)
+class DicomSeriesInfo:
+    """One series found in a folder (what a user needs to choose it).
+
+    ``num_slices`` counts image files (frames for multi-frame files); ``files`` are in the order
+    they were found, not slice order.
+    """
+
+    uid: str
+    modality: str
+    num_slices: int
+    description: str
+    files: tuple[Path, ...]
+    study_uid: str = ""
+    series_number: int | None = None
+    _headers: tuple[Any, ...] = field(default=(), repr=False, compare=False)
+
+    def describe(self) -> str:
+        """One line for messages: ``CT series 3 "Abdomen 1.0" (512 slices, UID 1.2.3)``."""
+        number = f" {self.series_number}" if self.series_number is not None else ""
+        desc = f' "{self.description}"' if self.description else ""
+        unit = "slice" if self.num_slices == 1 else "slices"
+        return f"{self.modality or '?'} series{number}{desc} ({self.num_slices} {unit}, UID {self.uid})"
+
+
+@dataclass
+class DicomVolume:
+    """A decoded series: ``array`` is ``[z, y, x]`` in stored units after rescale (HU for CT)."""
+
+    array: np.ndarray
+    geometry: Geometry
+    info: dict[str, Any]
+    warnings: list[str]
+
+
+# ---------------------------------------------------------------------------------- detection
+def is_dicom_file(path: str | Path) -> bool:
+    """True if ``path`` is a file starting with the DICOM preamble (``DICM`` at byte 128)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _candidate_files(folder: Path, recursive: bool) -> Iterable[Path]:
+    walker = folder.rglob("*") if recursive else folder.iterdir()
+    for p in sorted(walker):
+        if any(part.startswith(".") for part in p.relative_to(folder).parts):
+            continue
+        if p.is_file() and p.name.upper() != "DICOMDIR":
+            yield p
+
+
+def folder_has_dicom(folder: str | Path, *, max_files: int = 64, max_folders: int = 256) -> bool:
+    """Cheap check: is one of the first ``max_files`` files under ``folder`` DICOM?
+
+    Walks lazily (top folder first, no sorting) and gives up after ``max_files`` files or
+    ``max_folders`` folders, so dropping a huge folder on napari does not stall it.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return False
+    files_seen = 0
+    for n_dirs, (root, dirs, files) in enumerate(os.walk(folder)):
+        if n_dirs >= max_folders:
+            return False
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if name.startswith(".") or name.upper() == "DICOMDIR":
+                continue
+            if is_dicom_file(os.path.join(root, name)):
+                return True
+            files_seen += 1
+            if files_seen >= max_files:
+                return False
+    return False
+
+
+# ---------------------------------------------------------------------------------- scanning
+def _read_header(path: Path) -> Any | None:
+    """The DICOM header of ``path`` (no pixels), or None if it is not a DICOM file."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_SCAN_TAGS)
+    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError):
+        return None
+    meta_class = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
+    if meta_class == _MEDIA_STORAGE_DIRECTORY:
+        return None
+    return ds
+
+
+def _str(ds: Any, keyword: str) -> str:
+    value = ds.get(keyword, "")
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _int(ds: Any, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _is_image(ds: Any) -> bool:
+    return "Rows" in ds and "Columns" in ds
+
+
+def _frames(ds: Any) -> int:
+    return max(1, _int(ds, "NumberOfFrames") or 1)
+
+
+def _scan(folder: Path, recursive: bool) -> tuple[list[DicomSeriesInfo], int]:
+    """All series under ``folder`` (with their headers) and the number of files looked at."""
+    by_series: dict[str, list[tuple[Path, Any]]] = defaultdict(list)
+    n_files = 0
+    for p in _candidate_files(folder, recursive):
+        n_files += 1
+        ds = _read_header(p)
+        if ds is None:
+            continue
+        uid = _str(ds, "SeriesInstanceUID")
+        if not uid:
+            logger.info("%s: DICOM file without SeriesInstanceUID, ignored", p)
+            continue
+        by_series[uid].append((p, ds))
+    series = []
+    for uid, items in by_series.items():
+        first = items[0][1]
+        series.append(
+            DicomSeriesInfo(
+                uid=uid,
+                modality=_str(first, "Modality").upper(),
+                num_slices=sum(_frames(ds) for _, ds in items if _is_image(ds)),
+                description=_str(first, "SeriesDescription"),
+                files=tuple(p for p, _ in items),
+                study_uid=_str(first, "StudyInstanceUID"),
+                series_number=_int(first, "SeriesNumber"),
+                _headers=tuple(ds for _, ds in items),
+            )
+        )
+    series.sort(key=lambda s: (s.study_uid, s.series_number if s.series_number is not None else 1 << 30, s.uid))
+    return series, n_files
+
+
+def list_dicom_series(folder: str | Path, *, recursive: bool = True) -> list[DicomSeriesInfo]:
+    """Every DICOM series under ``folder`` (sub-folders included unless ``recursive=False``).
+
+    Non-DICOM files are skipped. Non-image series (structured reports, segmentations without
+    frames, …) are listed with ``num_slices == 0``.
+
+    Raises:
+        InputError: ``folder`` does not exist, is not a folder, or is empty.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise InputError(f"{folder}: no such folder")
+    if not folder.is_dir():
+        raise InputError(f"{folder}: not a folder (give the folder that holds the DICOM series)")
+    series, n_files = _scan(folder, recursive)
+    if n_files == 0:
+        raise InputError(f"{folder}: the folder is empty; give the folder that holds the DICOM files")
+    return series
+
+
+# ---------------------------------------------------------------------------------- selection
+def select_series(
+    folder: Path,
+    *,
+    series_uid: str | None,
+    allow_non_ct: bool,
+    recursive: bool = True,
+) -> tuple[DicomSeriesInfo, list[str]]:
+    """The series to read from ``folder`` and any warning about the choice.
+
+    Without ``series_uid``: the CT series with the most slices (other image series only with
+    ``allow_non_ct``); when there was a choice, a warning names the one taken and the others.
+    """
+    series = list_dicom_series(folder, recursive=recursive)
+    images = [s for s in series if s.num_slices > 0 and s.modality not in _DERIVED_MODALITIES]
+    if not series:
+        raise InputError(
+            f"{folder}: no DICOM files found in this folder. For NIfTI, NRRD or MHA give the file "
+            "itself; for DICOM give the folder holding the series' .dcm files."
+        )
+    if series_uid is not None:
+        chosen = next((s for s in series if s.uid == series_uid), None)
+        if chosen is None:
+            listing = "; ".join(s.describe() for s in series)
+            raise InputError(f"{folder}: no series with UID {series_uid}. Series found: {listing}")
+        if chosen.num_slices == 0 or chosen.modality in _DERIVED_MODALITIES:
+            raise InputError(f"{folder}: {chosen.describe()} holds no images to read as a volume")
+        _check_modality(chosen, allow_non_ct, folder)
+        return chosen, []
+    if not images:
+        listing = "; ".join(s.describe() for s in series)
+        raise InputError(
+            f"{folder}: the DICOM files hold no image series, only derived objects (found: "
+            f"{listing}); give the folder of the CT series itself"
+        )
+    ct = [s for s in images if s.modality in CT_MODALITIES]
+    pool = ct if ct else images
+    if not ct and not allow_non_ct:
+        listing = "; ".join(s.describe() for s in images)
+        raise InputError(
+            f"{folder}: no CT series here (found: {listing}). CDPDNet segments CT; to read "
+            "this anyway pass allow_non_ct=True."
+        )
+    chosen = max(pool, key=lambda s: s.num_slices)
+    warnings: list[str] = []
+    others = [s for s in images if s is not chosen]
+    if others:
+        warnings.append(
+            f"{folder} holds {len(images)} image series; read {chosen.describe()}, the "
+            f"{'CT ' if ct else ''}series with the most slices. Others: "
+            + "; ".join(s.describe() for s in others)
+            + ". Pass series_uid=... to read another."
+        )
+    return chosen, warnings
+
+
+def _check_modality(series: DicomSeriesInfo, allow_non_ct: bool, folder: Path) -> None:
+    if series.modality in CT_MODALITIES or allow_non_ct:
+        return
+    raise InputError(
+        f"{folder}: {series.describe()} is {series.modality or 'of unknown modality'}, not CT. "
+        "CDPDNet segments CT only; pass allow_non_ct=True to read it anyway."
+    )
+
+
+def series_of_file(path: Path) -> str:
+    """The SeriesInstanceUID of one DICOM file (to read the series it belongs to)."""
+    ds = _read_header(path)
+    if ds is None:
+        raise InputError(f"{path}: not a DICOM file, or its header is damaged")
+    uid = _str(ds, "SeriesInstanceUID")
+    if not uid:
+        raise InputError(f"{path}: DICOM file without a SeriesInstanceUID; cannot find its series")
+    if not _is_image(ds):
+        raise InputError(
+            f"{path}: a DICOM {_str(ds, 'Modality') or 'object'} without image pixels "
+            "(e.g. a report or a segmentation), not a CT slice"
+        )
+    return uid
+
+
+# ---------------------------------------------------------------------------------- geometry
+@dataclass
+class _Slice:
+    path: Path
+    ds: Any
+    position: np.ndarray  # ImagePositionPatient (LPS mm)
+    along: float  # position along the slice normal
+
+
+@dataclass
+class _Plan:
+    """Where each file's pixels go: slice order, the grid, and the corrections to apply."""
+
+    slices: list[_Slice]
+    row_dir: np.ndarray  # LPS direction of increasing column index (array x)
+    col_dir: np.ndarray  # LPS direction of increasing row index (array y)
+    normal: np.ndarray
+    spacing_xy: tuple[float, float]
+    rows: int
+    cols: int
+    inplane_shift_px: np.ndarray | None  # (n, 2) shift (dy, dx) per slice to undo gantry tilt
+    out_along: np.ndarray | None  # output positions along the normal when resampling
+    spacing_z: float
+    warnings: list[str]
+    info: dict[str, Any]
+
+
+def _orientation(ds: Any, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    iop = ds.get("ImageOrientationPatient")
+    if iop is None or len(iop) != 6:
+        raise InputError(
+            f"{path}: no ImageOrientationPatient; without it the slice geometry is unknown "
+            "(secondary captures and screenshots cannot be segmented)"
+        )
+    v = np.asarray([float(x) for x in iop])
+    r, c = v[:3], v[3:]
+    if not (np.isfinite(v).all() and np.linalg.norm(r) > 0.5 and np.linalg.norm(c) > 0.5):
+        raise InputError(f"{path}: ImageOrientationPatient {list(v)} is not a valid orientation")
+    r = r / np.linalg.norm(r)
+    c = c - r * float(r @ c)  # remove rounding errors: an exactly orthonormal frame
+    c = c / np.linalg.norm(c)
+    return r, c
+
+
+def _check_spacing(values: Sequence[float], where: str) -> None:
+    for v in values:
+        if not math.isfinite(v) or v < MIN_SPACING_MM or v > MAX_SPACING_MM:
+            raise InputError(
+                f"{where}: implausible voxel spacing {tuple(round(float(x), 6) for x in values)} mm "
+                f"(every spacing must be between {MIN_SPACING_MM} and {MAX_SPACING_MM} mm); "
+                "the header is broken or this is not a CT volume"
+            )
+
+
+def _plan(series: DicomSeriesInfo) -> _Plan:
+    """Decide slice order, grid and corrections from the headers alone."""
+    warnings: list[str] = []
+    info: dict[str, Any] = {}
+    items = [(p, ds) for p, ds in zip(series.files, series._headers, strict=True) if _is_image(ds)]
+    multi = [p for p, ds in items if _frames(ds) > 1]
+    if multi:
+        raise InputError(
+            f"{multi[0]}: multi-frame (enhanced) DICOM is not supported yet; convert the series "
+            "to NIfTI (e.g. with dcm2niix) or export it as classic single-frame images"
+        )
+    # Drop copies of the same instance (the same file present twice).
+    seen: dict[str, Path] = {}
+    unique = []
+    for p, ds in items:
+        sop = _str(ds, "SOPInstanceUID")
+        if sop and sop in seen:
+            logger.info("%s duplicates %s (same SOPInstanceUID), ignored", p, seen[sop])
+            continue
+        seen[sop] = p
+        unique.append((p, ds))
+
+    # Localizers and other orientations can share a series with the axial stack.
+    def key(ds: Any) -> tuple:
+        iop = ds.get("ImageOrientationPatient") or ()
+        ps = ds.get("PixelSpacing") or ()
+        return (
+            tuple(round(float(x), 3) for x in iop),
+            _int(ds, "Rows"),
+            _int(ds, "Columns"),
+            tuple(round(float(x), 4) for x in ps),
+        )
+
+    groups: dict[tuple, list[tuple[Path, Any]]] = defaultdict(list)
+    for p, ds in unique:
+        groups[key(ds)].append((p, ds))
+    main = max(groups.values(), key=len)
+    if len(groups) > 1:
+        dropped = len(unique) - len(main)
+        warnings.append(
+            f"series {series.uid}: {dropped} image(s) with another orientation or size (e.g. "
+            f"localizers) were left out; the volume uses the {len(main)} matching slices"
+        )
+    first_path, first = main[0]
+    if len(main) < 2:
+        raise InputError(
+            f"{first_path}: 2-D image: series {series.uid} has a single slice; a CT volume needs "
+            "several slices"
+        )
+    row_dir, col_dir = _orientation(first, first_path)
+    normal = np.cross(row_dir, col_dir)
+    ps = first.get("PixelSpacing")
+    if ps is None or len(ps) != 2:
+        raise InputError(f"{first_path}: no PixelSpacing; the pixel size is unknown")
+    # PixelSpacing is (between rows, between columns) = (y, x).
+    spacing_xy = (float(ps[1]), float(ps[0]))
+    _check_spacing(spacing_xy, f"{first_path} (PixelSpacing)")
+
+    slices = []
+    for p, ds in main:
+        ipp = ds.get("ImagePositionPatient")
+        if ipp is None or len(ipp) != 3:
+            raise InputError(f"{p}: no ImagePositionPatient; the slice's position is unknown")
+        pos = np.asarray([float(x) for x in ipp])
+        if not np.isfinite(pos).all():
+            raise InputError(f"{p}: ImagePositionPatient {list(pos)} is not a valid position")
+        slices.append(_Slice(p, ds, pos, float(pos @ normal)))
+    slices.sort(key=lambda s: (s.along, _int(s.ds, "InstanceNumber") or 0))
+    along = np.array([s.along for s in slices])
+    gaps = np.diff(along)
+    if np.any(gaps < _UNIFORM_ABS_TOL_MM):
+        k = int(np.argmin(gaps))
+        raise InputError(
+            f"series {series.uid}: {slices[k].path.name} and {slices[k + 1].path.name} lie at the "
+            "same slice position; the series holds several acquisitions or phases, which cannot "
+            "form one volume. Split them into separate series (or export one phase) and retry."
+        )
+
+    # Gantry tilt: slice origins drift in-plane as the table moves.
+    offsets = np.array([s.position - slices[0].position for s in slices])
+    inplane = offsets - np.outer(along - along[0], normal)
+    shift_mm = np.stack([inplane @ col_dir, inplane @ row_dir], axis=1)  # (dy, dx) in mm
+    shift_px = shift_mm / np.array([spacing_xy[1], spacing_xy[0]])
+    header_tilt = _float_or_none(first.get("GantryDetectorTilt"))
+    if header_tilt:
+        info["gantry_tilt_deg"] = header_tilt
+    inplane_shift: np.ndarray | None = None
+    if np.abs(shift_px).max() > _TILT_TOL_PIXELS:
+        extent = float(along[-1] - along[0])
+        drift = float(np.linalg.norm(shift_mm[-1]))
+        angle = math.degrees(math.atan2(drift, extent))
+        info["gantry_tilt_deg"] = header_tilt if header_tilt else round(angle, 3)
+        info["gantry_tilt_corrected"] = True
+        inplane_shift = shift_px
+        warnings.append(
+            f"series {series.uid}: gantry tilt of about {angle:.1f}° (GantryDetectorTilt "
+            f"{header_tilt if header_tilt is not None else 'not given'}): the slices are sheared, "
+            f"drifting {drift:.1f} mm in-plane over {extent:.1f} mm. Each slice was shifted in-plane "
+            "by linear interpolation onto an orthogonal grid so that voxel positions are correct; "
+            "voxels brought in from outside the field of view hold the lowest value."
+        )
+    elif header_tilt:
+        logger.info(
+            "series %s: GantryDetectorTilt %.2f° but slice positions follow the slice normal "
+            "(the tilt is already in ImageOrientationPatient); no correction needed",
+            series.uid, header_tilt,
+        )
+
+    # Uneven slice gaps.
+    n = len(slices)
+    mean_gap = float(along[-1] - along[0]) / (n - 1)
+    deviation = np.abs(along - (along[0] + mean_gap * np.arange(n))).max()
+    out_along: np.ndarray | None = None
+    spacing_z = mean_gap
+    if deviation > max(_UNIFORM_ABS_TOL_MM, _UNIFORM_REL_TOL * mean_gap):
+        step = float(np.median(gaps))
+        m = int(round((along[-1] - along[0]) / step)) + 1
+        if m > _MAX_RESAMPLED_SLICES:
+            raise InputError(
+                f"series {series.uid}: slice gaps range from {gaps.min():.4g} to {gaps.max():.4g} "
+                f"mm; a uniform grid would need {m} slices. The series is too incomplete to form "
+                "one volume; check the export."
+            )
+        out_along = np.linspace(along[0], along[-1], m)
+        spacing_z = float(out_along[1] - out_along[0])
+        measured = int(np.isclose(out_along[:, None], along[None, :], atol=0.01 * spacing_z).any(1).sum())
+        info["dicom_resampled"] = True
+        info["acquired_slice_indices"] = [round(float((a - along[0]) / spacing_z), 4) for a in along]
+        warnings.append(
+            f"uneven slice spacing in series {series.uid}: the gaps between its {n} slices range "
+            f"from {gaps.min():.4g} to {gaps.max():.4g} mm. The volume was resampled by linear "
+            f"interpolation along the slice normal onto a uniform {spacing_z:.4g} mm grid of {m} "
+            f"slices, so that voxel positions are correct; {m - measured} of them are "
+            "interpolated, not measured. Check that the series is complete."
+        )
+    _check_spacing((*spacing_xy, spacing_z), f"series {series.uid}")
+    rows, cols = _int(first, "Rows") or 0, _int(first, "Columns") or 0
+    return _Plan(slices, row_dir, col_dir, normal, spacing_xy, rows, cols, inplane_shift,
+                 out_along, spacing_z, warnings, info)
+
+
+def _float_or_none(value: Any) -> float | None:
+    try:
+        return None if value in (None, "") else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+# ---------------------------------------------------------------------------------- pixels
+def _decode(path: Path, rows: int, cols: int) -> np.ndarray:
+    """One slice as a 2-D array after rescale (GDCM decodes any supported transfer syntax)."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileName(str(path))
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(
+            f"{path}: the pixel data cannot be decoded (truncated file, or a compression GDCM "
+            f"does not support): {_sitk_reason(exc)}"
+        ) from exc
+    array = sitk.GetArrayViewFromImage(image)
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{path}: colour (multi-component) pixels; a CT slice is greyscale")
+    array = array.reshape(array.shape[-2:]) if array.size == rows * cols else array
+    if array.shape != (rows, cols):
+        raise InputError(f"{path}: pixel data of shape {array.shape}, header says {rows}×{cols}")
+    return np.array(array)
+
+
+def _sitk_reason(exc: BaseException) -> str:
+    """The informative part of a SimpleITK exception (no C++ source location, no pointers).
+
+    ``"...cxx:410:\nitk::ERROR: NrrdImageIO(0x55d3): Error reading c.nrrd:\n[nrrd] ...: hit end
+    of header"`` becomes ``"Error reading c.nrrd: hit end of header"``.
+    """
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    main = next((ln for ln in lines if "ERROR:" in ln), lines[-1])
+    main = main.split("ERROR:", 1)[-1].strip()
+    main = re.sub(r"^\w+\(0x[0-9a-fA-F]+\):\s*", "", main)
+    library_detail = [ln for ln in lines if ln.startswith("[")]  # teem/nrrd's innermost cause
+    if library_detail:
+        main = f"{main.rstrip(':')}: {library_detail[-1].split('] ', 1)[-1].split(': ', 1)[-1]}"
+    return main
+
+
+def _fits_int16(a: np.ndarray) -> bool:
+    if a.size == 0:
+        return True
+    if np.issubdtype(a.dtype, np.integer):
+        return int(a.min()) >= -32768 and int(a.max()) <= 32767
+    return bool(np.isfinite(a).all() and a.min() >= -32768 and a.max() <= 32767 and (a == np.round(a)).all())
+
+
+def _read_pixels(plan: _Plan) -> np.ndarray:
+    """Decode every slice in plan order into one ``[z, y, x]`` array (int16 when it fits)."""
+    n = len(plan.slices)
+    out = np.empty((n, plan.rows, plan.cols), np.int16)
+    for k, s in enumerate(plan.slices):
+        pixels = _decode(s.path, plan.rows, plan.cols)
+        if out.dtype == np.int16 and not _fits_int16(pixels):
+            logger.info("%s: values do not fit int16; the volume is kept as float32", s.path)
+            out = out.astype(np.float32)
+        out[k] = pixels
+    return out
+
+
+def _undo_tilt(volume: np.ndarray, shift_px: np.ndarray) -> np.ndarray:
+    """Shift every slice in-plane so that all slices share slice 0's in-plane grid."""
+    from scipy import ndimage
+
+    fill = float(volume.min())
+    out = np.empty(volume.shape, np.float32)
+    for k in range(volume.shape[0]):
+        # Pixel (j, i) of slice k lies at shift_px[k] + (j, i) in slice-0 pixel units.
+        ndimage.shift(volume[k].astype(np.float32), shift_px[k], output=out[k], order=1,
+                      mode="constant", cval=fill)
+    return out
+
+
+def _resample_along_normal(volume: np.ndarray, along: np.ndarray, out_along: np.ndarray) -> np.ndarray:
+    """Linear interpolation between the two nearest acquired slices for each output position."""
+    upper = np.clip(np.searchsorted(along, out_along, side="right"), 1, len(along) - 1)
+    lower = upper - 1
+    w = (out_along - along[lower]) / (along[upper] - along[lower])
+    w = np.clip(w, 0.0, 1.0).astype(np.float32)
+    out = np.empty((len(out_along), *volume.shape[1:]), np.float32)
+    for m, (lo, hi, wm) in enumerate(zip(lower, upper, w, strict=True)):
+        out[m] = volume[lo] * (1.0 - wm) + volume[hi] * wm
+    return out
+
+
+def _to_output_dtype(volume: np.ndarray, source_int: bool) -> np.ndarray:
+    """Interpolated integer data go back to int16 (rounded) so memory stays as for the source."""
+    if source_int and volume.dtype != np.int16:
+        rounded = np.round(volume)
+        if rounded.size == 0 or (rounded.min() >= -32768 and rounded.max() <= 32767):
+            return rounded.astype(np.int16)
+    return volume.astype(np.float32, copy=False) if volume.dtype != np.int16 else volume
+
+
+# ---------------------------------------------------------------------------------- public read
+def read_dicom_volume(series: DicomSeriesInfo) -> DicomVolume:
+    """Decode ``series`` into a ``[z, y, x]`` volume on a uniform orthogonal grid.
+
+    Slices are ordered along the slice normal (array index ``k`` increases along
+    ``row × column`` direction). Uneven gaps are resampled and gantry tilt is undone, each with a
+    warning; the DICOM references in the geometry then list the acquired instances in normal
+    order and ``info["acquired_slice_indices"]`` gives each one's (fractional) array index.
+    """
+    plan = _plan(series)
+    volume = _read_pixels(plan)
+    source_int = volume.dtype == np.int16
+    if plan.inplane_shift_px is not None:
+        volume = _undo_tilt(volume, plan.inplane_shift_px)
+    if plan.out_along is not None:
+        along = np.array([s.along for s in plan.slices])
+        volume = _resample_along_normal(volume, along, plan.out_along)
+    volume = _to_output_dtype(volume, source_int)
+
+    first = plan.slices[0].ds
+    direction = np.stack([plan.row_dir, plan.col_dir, plan.normal], axis=1)
+    reference = DicomReference(
+        study_instance_uid=_str(first, "StudyInstanceUID"),
+        series_instance_uid=series.uid,
+        frame_of_reference_uid=_str(first, "FrameOfReferenceUID"),
+        sop_class_uid=_str(first, "SOPClassUID"),
+        sop_instance_uids=tuple(_str(s.ds, "SOPInstanceUID") for s in plan.slices),
+        files=tuple(str(s.path) for s in plan.slices),
+        modality=series.modality,
+        series_description=series.description,
+        patient_id=_str(first, "PatientID"),
+    )
+    geometry = Geometry(
+        spacing=(plan.spacing_xy[0], plan.spacing_xy[1], plan.spacing_z),
+        origin=tuple(plan.slices[0].position),
+        direction=tuple(direction.ravel()),
+        shape=volume.shape,
+        dicom=reference,
+    )
+    syntaxes = Counter(
+        str(getattr(getattr(s.ds, "file_meta", None), "TransferSyntaxUID", "")) for s in plan.slices
+    )
+    info = {
+        "format": "DICOM",
+        "modality": series.modality,
+        "series_description": series.description,
+        "series_instance_uid": series.uid,
+        "series_number": series.series_number,
+        "study_instance_uid": reference.study_instance_uid,
+        "study_description": _str(first, "StudyDescription"),
+        "study_date": _str(first, "StudyDate"),
+        "patient_id": reference.patient_id,
+        "manufacturer": _str(first, "Manufacturer"),
+        "manufacturer_model": _str(first, "ManufacturerModelName"),
+        "kvp": _float_or_none(first.get("KVP")),
+        "convolution_kernel": _str(first, "ConvolutionKernel"),
+        "slice_thickness_mm": _float_or_none(first.get("SliceThickness")),
+        "body_part": _str(first, "BodyPartExamined"),
+        "contrast_agent": _str(first, "ContrastBolusAgent"),
+        "transfer_syntax": syntaxes.most_common(1)[0][0],
+        "num_files": len(plan.slices),
+        **plan.info,
+    }
+    return DicomVolume(volume, geometry, info, plan.warnings)
