@@ -9,6 +9,7 @@ the SNOMED-CT codes of the structure. Frames are positioned from the label map's
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from napari_cdpdnet import __version__
 from napari_cdpdnet.errors import InputError
 from napari_cdpdnet.geometry import Geometry
 
-__all__ = ["SegmentSpec", "write_dicom_seg", "read_dicom_seg", "Code3"]
+__all__ = ["SegmentSpec", "ReadSegment", "write_dicom_seg", "read_dicom_seg", "Code3"]
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,20 @@ def write_dicom_seg(
         coordinate_system="PATIENT",
         frame_of_reference_uid=geometry.dicom.frame_of_reference_uid,
     )
-    seg = hd.seg.Segmentation(
+    with warnings.catch_warnings():
+        # The patient name is copied from the source series as it is; not ours to "fix".
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name")
+        seg = _build_segmentation(hd, sources, volume, descriptions, series_number, series_description,
+                                  content_creator)
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        seg.save_as(tmp)
+    logger.info("wrote DICOM-SEG with %d segments to %s", len(kept), path)
+    return Path(path)
+
+
+def _build_segmentation(hd, sources, volume, descriptions, series_number, series_description,
+                        content_creator):
+    return hd.seg.Segmentation(
         source_images=sources,
         pixel_array=volume,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -162,10 +176,6 @@ def write_dicom_seg(
         content_description="CDPDNet segmentation"[:64],
         **_charset_kwargs(sources[0]),
     )
-    with atomic_output(path, overwrite=overwrite) as tmp:
-        seg.save_as(tmp)
-    logger.info("wrote DICOM-SEG with %d segments to %s", len(kept), path)
-    return Path(path)
 
 
 def _charset_kwargs(source) -> dict:

@@ -31,8 +31,10 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 class DicomReference:
     """What a DICOM-SEG (or any derived DICOM object) must reference about its source series.
 
-    ``sop_instance_uids`` and ``files`` are in array slice order: entry ``k`` is the slice at
-    array index ``[k, :, :]``.
+    ``sop_instance_uids`` and ``files`` are in slice order along the slice normal. When their
+    number equals the array's slice count, entry ``k`` is the slice at array index ``[k, :, :]``;
+    a series with uneven gaps is resampled on reading and then has more array slices than
+    source files (derived objects must then be positioned by geometry, as DICOM-SEG export is).
     """
 
     study_instance_uid: str
