@@ -471,7 +471,7 @@ def _hf_cached(component: WeightSpec, wf: WeightFile, *, quick: bool = False) ->
             continue
         path = Path(found)
         blob = Path(os.path.realpath(found)).name
-        sha = blob if len(blob) == 64 and all(c in "0123456789abcdef" for c in blob) else None
+        sha = blob if _is_sha256(blob) else None
         if sha is None and not _git_blob_matches(path, blob):
             return FileCheck(
                 path,
@@ -497,6 +497,11 @@ def _hf_cache_dir() -> str | None:
     if os.environ.get("HF_HOME"):
         return os.path.join(os.environ["HF_HOME"], "hub")
     return None
+
+
+def _is_sha256(name: str) -> bool:
+    """Hub LFS blobs are named by the SHA-256 of their content."""
+    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
 
 
 def _git_blob_matches(path: Path, blob_id: str) -> bool:
@@ -565,8 +570,7 @@ def hf_downloader(
         )
         blob = Path(os.path.realpath(local))
         shutil.move(str(blob), str(dest))
-        name = blob.name
-        return name if len(name) == 64 and all(c in "0123456789abcdef" for c in name) else None
+        return blob.name if _is_sha256(blob.name) else None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
