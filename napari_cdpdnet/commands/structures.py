@@ -1,0 +1,150 @@
+"""``cdpdnet structures``: the 32 structures, the 11 tasks, and what a typed request resolves to."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from napari_cdpdnet.vocabulary import FIXED_CONDITIONING_NOTE, STRUCTURES, TASKS, Structure
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "structures",
+        help="list the 32 structures CDPDNet segments (and resolve typed names)",
+        description=(
+            "List the 32 structures in output-channel order with names, synonyms, colours and "
+            "SNOMED-CT codes, or check what typed names resolve to and which task passes they "
+            "need. " + FIXED_CONDITIONING_NOTE
+        ),
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--tasks", action="store_true", help="list the 11 training tasks and their label sets"
+    )
+    p.add_argument(
+        "--resolve",
+        metavar="TEXT",
+        help='resolve free text, e.g. "IVC, kidney left and liver lesion", and show the plan',
+    )
+    p.add_argument(
+        "--clip", action="store_true", help="with --resolve: also use CLIP (needs its weights)"
+    )
+    p.set_defaults(func=run)
+
+
+def _structure_dict(s: Structure) -> dict:
+    sn = s.snomed
+    return {
+        "index": s.index,
+        "channel": s.channel,
+        "key": s.key,
+        "name": s.name,
+        "official_name": s.official_name,
+        "laterality": s.laterality,
+        "group": s.group,
+        "color": list(s.color),
+        "synonyms": list(s.synonyms),
+        "abbreviations": list(s.abbreviations),
+        "part_terms": list(s.part_terms),
+        "snomed": {
+            "category": list(sn.category),
+            "type": list(sn.type),
+            "type_modifier": list(sn.type_modifier) if sn.type_modifier else None,
+            "region": list(sn.region) if sn.region else None,
+            "region_modifier": list(sn.region_modifier) if sn.region_modifier else None,
+        },
+        "tasks": [t.id for t in TASKS if s.index in t.structures],
+    }
+
+
+def _print_structures() -> None:
+    print(
+        f"{'#':>2}  {'key':<21} {'name':<29} {'side':<5} {'group':<6} {'colour':<7} {'SNOMED':<10} also matches"
+    )
+    for s in STRUCTURES:
+        also = [*s.abbreviations, *s.synonyms[:3]]
+        if s.official_name != s.name:
+            also.insert(0, f"{s.official_name} (official)")
+        print(
+            f"{s.index:>2}  {s.key:<21} {s.name:<29} {s.laterality or '':<5} {s.group:<6} "
+            f"{s.color_hex:<7} {s.snomed.type.value:<10} {', '.join(also)}"
+        )
+
+
+def _print_tasks() -> None:
+    print(f"{'id':>2}  {'key':<13} {'name':<13} structures")
+    for t in TASKS:
+        names = ", ".join(STRUCTURES[i - 1].name for i in t.structures)
+        print(f"{t.id:>2}  {t.key:<13} {t.name:<13} {names}")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.resolve is not None:
+        from napari_cdpdnet.resolver import ClipScorer, resolve_many
+        from napari_cdpdnet.vocabulary import plan_passes
+
+        scorer = ClipScorer(allow_download=False) if args.clip else None
+        found = resolve_many(args.resolve, clip_scorer=scorer)
+        plan = plan_passes([r.structure for r in found])
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "resolved": [
+                            {
+                                "text": r.text,
+                                "key": r.structure.key,
+                                "name": r.structure.name,
+                                "confidence": r.confidence,
+                                "method": r.method,
+                                "reason": r.reason,
+                            }
+                            for r in found
+                        ],
+                        "passes": [
+                            {
+                                "task": p.task.id,
+                                "task_name": p.task.name,
+                                "structures": [s.key for s in p.structures],
+                            }
+                            for p in plan
+                        ],
+                        "required_channels": sorted({c for p in plan for c in p.channels}),
+                    },
+                    indent=2,
+                )
+            )
+            return 0
+        for r in found:
+            print(
+                f"{r.text!r:<28} -> {r.structure.name:<28} {r.method:<8} {r.confidence:.2f}  {r.reason}"
+            )
+        print()
+        print(plan.describe())
+        return 0
+    if args.json:
+        payload = {
+            "structures": [_structure_dict(s) for s in STRUCTURES],
+            "note": FIXED_CONDITIONING_NOTE,
+        }
+        if args.tasks:
+            payload["tasks"] = [
+                {
+                    "id": t.id,
+                    "key": t.key,
+                    "name": t.name,
+                    "datasets": [n for _, n in t.datasets],
+                    "structures": list(t.structures),
+                }
+                for t in TASKS
+            ]
+        print(json.dumps(payload, indent=2, ensure_ascii=False))
+        return 0
+    if args.tasks:
+        _print_tasks()
+    else:
+        _print_structures()
+    print()
+    print(FIXED_CONDITIONING_NOTE)
+    return 0

@@ -1,0 +1,848 @@
+"""Map what a user types ("IVC", "kidney left", "liver lesion") onto the 32 CDPDNet structures.
+
+Matching runs offline, in this order, and stops at the first confident answer:
+
+1. exact: the display name, official name, key or number ("Left Kidney", "Arota", "3");
+2. synonym: curated synonyms, abbreviations, other spellings and languages ("IVC", "GB",
+   "L kidney", "oesophagus", "rein gauche"), and parts of a structure ("portal vein");
+3. fuzzy: typos ("pancraes", "gallblader"), scored by string similarity;
+4. clip (only with a :class:`ClipScorer`): cosine similarity of CLIP's embedding of
+   "A computerized tomography of a {text}" to the checkpoint's 32 fixed organ embeddings.
+
+Below ``threshold`` it refuses with suggestions: a refusal is an answer ("brain" is not one of
+the 32 structures). Whatever is typed, the network computes the same 32 outputs with the same
+fixed text conditioning (SPEC §6.3); resolving only picks which outputs the user gets. CLIP
+here ranks the 32 fixed structures and never adds one.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import unicodedata
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from difflib import SequenceMatcher
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from napari_cdpdnet.errors import VocabularyError, WeightsError
+from napari_cdpdnet.vocabulary import (
+    PROMPT_TEMPLATE,
+    SPECIAL_TERMS,
+    STRUCTURES,
+    Structure,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+
+__all__ = [
+    "Resolution",
+    "UnresolvedStructure",
+    "ClipScorer",
+    "DEFAULT_THRESHOLD",
+    "METHODS",
+    "resolve",
+    "resolve_many",
+    "normalize",
+    "load_organ_embedding",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Confidence below which a match is refused (fuzzy similarity or CLIP probability).
+DEFAULT_THRESHOLD = 0.8
+METHODS = ("exact", "synonym", "fuzzy", "clip")
+
+#: Confidence of a curated part term ("portal vein" -> Portal Vein and Splenic Vein): certain
+#: about the structure, but the result is larger than what was asked for.
+_PART_CONFIDENCE = 0.9
+#: Two fuzzy candidates closer than this are a tie: ask instead of guessing.
+_FUZZY_TIE = 0.02
+_MIN_FUZZY_LENGTH = 4
+#: Fuzzy matches need at least this similarity whatever the threshold: below it string
+#: similarity says nothing, and a low ``threshold`` is meant for the CLIP stage.
+_FUZZY_FLOOR = 0.7
+
+_LEFT = frozenset(
+    [
+        "left",
+        "l",
+        "lt",
+        "lft",
+        "sinister",
+        "sinistra",
+        "sinistro",
+        "sinistri",
+        "gauche",
+        "links",
+        "linke",
+        "linker",
+        "linken",
+        "linkes",
+        "izquierdo",
+        "izquierda",
+        "izq",
+    ]
+)
+_RIGHT = frozenset(
+    [
+        "right",
+        "r",
+        "rt",
+        "rgt",
+        "dexter",
+        "dextra",
+        "destra",
+        "destro",
+        "destri",
+        "droit",
+        "droite",
+        "rechts",
+        "rechte",
+        "rechter",
+        "rechten",
+        "rechtes",
+        "derecho",
+        "derecha",
+        "dcha",
+    ]
+)
+_BOTH = frozenset(["both", "bilateral", "bilat"])
+_STOP = frozenset(
+    [
+        "the",
+        "a",
+        "an",
+        "of",
+        "and",
+        "my",
+        "please",
+        "segment",
+        "segmentation",
+        "segmentations",
+        "mask",
+        "masks",
+        "label",
+        "labels",
+        "contour",
+        "contours",
+        "outline",
+        "delineate",
+        "delineation",
+        "show",
+        "find",
+        "get",
+        "want",
+        "i",
+        "me",
+        "for",
+        "in",
+        "on",
+        "ct",
+        "scan",
+        "de",
+        "la",
+        "le",
+        "du",
+        "des",
+        "der",
+        "die",
+        "das",
+    ]
+)
+#: British (and other) spellings, per word.
+_SPELLING = {
+    "tumour": "tumor",
+    "tumours": "tumors",
+    "oesophagus": "esophagus",
+    "oesophageal": "esophageal",
+    "oesophagael": "esophageal",
+    "coeliac": "celiac",
+    "caecum": "cecum",
+    "haemangioma": "hemangioma",
+    "foetal": "fetal",
+    "oedema": "edema",
+    "anaemia": "anemia",
+    "haemorrhage": "hemorrhage",
+    "colour": "color",
+    "centre": "center",
+}
+
+
+# --------------------------------------------------------------------------- normalising
+@dataclass(frozen=True)
+class _Query:
+    """A phrase reduced to comparable form: ``text`` has the laterality word first."""
+
+    text: str
+    laterality: str | None
+    bilateral: bool
+    conflicting: bool
+
+    @property
+    def compact(self) -> str:
+        return self.text.replace(" ", "")
+
+
+def normalize(text: str) -> str:
+    """Comparable form of a phrase: lower case, no accents or punctuation, American spelling,
+    filler words dropped, laterality first ("Kidney (L)" -> "left kidney")."""
+    return _analyse(text).text
+
+
+def _analyse(text: str) -> _Query:
+    decomposed = unicodedata.normalize("NFKD", text.replace("œ", "oe").replace("Œ", "oe"))
+    plain = "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+    plain = plain.replace("ß", "ss")
+    words = [_SPELLING.get(w, w) for w in re.findall(r"[a-z0-9]+", plain)]
+    sides = {("left" if w in _LEFT else "right") for w in words if w in _LEFT or w in _RIGHT}
+    bilateral = any(w in _BOTH for w in words)
+    rest = [w for w in words if w not in _LEFT and w not in _RIGHT and w not in _BOTH]
+    kept = [w for w in rest if w not in _STOP]
+    laterality = next(iter(sides)) if len(sides) == 1 else None
+    body = " ".join(kept)
+    return _Query(
+        text=f"{laterality} {body}".strip() if laterality else body,
+        laterality=laterality,
+        bilateral=bilateral,
+        conflicting=len(sides) > 1,
+    )
+
+
+# --------------------------------------------------------------------------- term table
+_STRUCTURE_KINDS = ("name", "synonym", "part")
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """What a normalised phrase means."""
+
+    kind: str  # "name" | "synonym" | "part" | "group" | "ambiguous" | "not_supported"
+    structures: tuple[Structure, ...]
+    phrase: str  # the curated phrase it came from (for reasons)
+    note: str = ""
+    fuzzy: bool = True  # short abbreviations only match exactly
+
+    @property
+    def target(self) -> tuple[str, tuple[int, ...]]:
+        """What it resolves to; names, synonyms and parts of one structure share a target."""
+        kind = "structure" if self.kind in _STRUCTURE_KINDS else self.kind
+        return kind, tuple(s.index for s in self.structures)
+
+
+@lru_cache(maxsize=1)
+def _table() -> dict[str, _Entry]:
+    """Normalised phrase -> meaning; built once, validated against contradictions."""
+    table: dict[str, _Entry] = {}
+
+    def put(phrase: str, entry: _Entry) -> None:
+        key = _analyse(phrase).text
+        if not key:
+            raise RuntimeError(f"vocabulary phrase {phrase!r} normalises to nothing")
+        old = table.get(key)
+        if old is not None and old.target != entry.target:
+            raise RuntimeError(
+                f"vocabulary phrase {phrase!r} (as {key!r}) means both {old.target} and {entry.target}"
+            )
+        if old is None or _rank(entry) < _rank(old):
+            table[key] = entry
+
+    for s in STRUCTURES:
+        for phrase in (s.name, s.official_name, s.key.replace("_", " ")):
+            put(phrase, _Entry("name", (s,), phrase))
+        for phrase in s.synonyms:
+            put(phrase, _Entry("synonym", (s,), phrase))
+        for phrase in s.abbreviations:
+            put(phrase, _Entry("synonym", (s,), phrase, fuzzy=len(phrase) > 3))
+        for phrase in s.part_terms:
+            put(phrase, _Entry("part", (s,), phrase))
+    for t in SPECIAL_TERMS:
+        put(t.term, _Entry(t.kind, t.structures, t.term, t.note))
+    # "kidney", "renal", "adrenal": a lateral phrase without its side names a pair.
+    pairs: dict[str, set[int]] = {}
+    for s in STRUCTURES:
+        if s.laterality is None:
+            continue
+        for phrase in (s.name, s.official_name, *s.synonyms):
+            q = _analyse(phrase)
+            if q.laterality and q.text.split(" ", 1)[1:]:
+                pairs.setdefault(q.text.split(" ", 1)[1], set()).add(s.index)
+    for base, members in pairs.items():
+        if base not in table and len(members) == 2:
+            put(
+                base,
+                _Entry(
+                    "ambiguous",
+                    tuple(STRUCTURES[i - 1] for i in sorted(members)),
+                    base,
+                    "left or right?",
+                ),
+            )
+    return table
+
+
+def _rank(entry: _Entry) -> int:
+    return ("name", "synonym", "part", "group", "ambiguous", "not_supported").index(entry.kind)
+
+
+# --------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class Resolution:
+    """One resolved phrase: the structure, how sure, how it was found and why."""
+
+    text: str
+    structure: Structure
+    confidence: float
+    method: str  # one of METHODS
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.text!r} -> {self.structure.name} ({self.method}, {self.confidence:.2f}): {self.reason}"
+
+
+class UnresolvedStructure(VocabularyError):
+    """A phrase was refused. ``kind``: "unknown", "not_supported", "ambiguous", "group",
+    "conflicting_laterality" or "empty"; ``suggestions``: structures the user may have meant."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        text: str = "",
+        kind: str = "unknown",
+        suggestions: Sequence[Structure] = (),
+    ) -> None:
+        super().__init__(message)
+        self.text = text
+        self.kind = kind
+        self.suggestions = tuple(suggestions)
+
+
+def _names(items: Iterable[Structure]) -> str:
+    return ", ".join(s.name for s in items)
+
+
+def _similarity(q: _Query, key: str) -> float:
+    a, b = q.text, key
+    if q.laterality and b.startswith(q.laterality + " "):
+        # compare what follows the side: "left liver" is not close to "left niere"
+        a, b = a[len(q.laterality) + 1 :], b[len(q.laterality) + 1 :]
+    scores = [
+        SequenceMatcher(None, a, b).ratio(),
+        SequenceMatcher(None, a.replace(" ", ""), b.replace(" ", "")).ratio(),
+        SequenceMatcher(None, " ".join(sorted(a.split())), " ".join(sorted(b.split()))).ratio(),
+    ]
+    return max(scores)
+
+
+def _fuzzy(q: _Query) -> list[tuple[float, str, _Entry]]:
+    """Candidates by similarity, best first, respecting a stated side."""
+    out = []
+    for key, entry in _table().items():
+        if not entry.fuzzy:
+            continue
+        sides = {s.laterality for s in entry.structures}
+        if q.laterality and entry.kind != "not_supported" and sides and q.laterality not in sides:
+            continue
+        out.append((_similarity(q, key), key, entry))
+    out.sort(key=lambda t: (-t[0], _rank(t[2]), t[1]))
+    return out
+
+
+def _suggest(ranked: Sequence[tuple[float, str, _Entry]], n: int = 3) -> list[Structure]:
+    seen: list[Structure] = []
+    for _, _, entry in ranked:
+        for s in entry.structures:
+            if s not in seen:
+                seen.append(s)
+        if len(seen) >= n:
+            break
+    return seen[:n]
+
+
+def _accept(text: str, entry: _Entry, q: _Query, *, score: float, fuzzy: bool) -> Resolution:
+    """Turn a matched entry into a Resolution, or refuse it with the entry's reason."""
+    kind = entry.kind
+    if (
+        kind == "ambiguous"
+        and q.bilateral
+        and len(entry.structures) == 2
+        and {s.laterality for s in entry.structures} == {"left", "right"}
+    ):
+        kind = "group"
+    if kind == "not_supported":
+        note = f": {entry.note}" if entry.note else ""
+        nearest = entry.structures
+        hint = f" Nearest: {_names(nearest)}." if nearest else ""
+        raise UnresolvedStructure(
+            f"{text!r} is not one of the 32 structures CDPDNet segments{note}.{hint} "
+            "Run `cdpdnet structures` for the list.",
+            text=text,
+            kind="not_supported",
+            suggestions=nearest,
+        )
+    if kind == "ambiguous" and len(entry.structures) == 1:
+        raise UnresolvedStructure(
+            f"{text!r} is not specific enough ({entry.note}); did you mean {entry.structures[0].name}?",
+            text=text,
+            kind="ambiguous",
+            suggestions=entry.structures,
+        )
+    if kind == "ambiguous":
+        raise UnresolvedStructure(
+            f"{text!r} could mean several structures ({entry.note}): {_names(entry.structures)}. "
+            "Name the one you want.",
+            text=text,
+            kind="ambiguous",
+            suggestions=entry.structures,
+        )
+    if kind == "group":
+        raise UnresolvedStructure(
+            f"{text!r} names {len(entry.structures)} structures ({_names(entry.structures)}); "
+            "use resolve_many() (or list them) to get all of them.",
+            text=text,
+            kind="group",
+            suggestions=entry.structures,
+        )
+    s = entry.structures[0]
+    if fuzzy:
+        conf = score * (_PART_CONFIDENCE if kind == "part" else 1.0)
+        return Resolution(
+            text,
+            s,
+            round(conf, 3),
+            "fuzzy",
+            f"closest known name {entry.phrase!r} (similarity {score:.2f})",
+        )
+    if kind == "name":
+        return Resolution(
+            text, s, 1.0, "exact", f"matches the name {entry.phrase!r} (structure {s.index})"
+        )
+    if kind == "part":
+        return Resolution(
+            text,
+            s,
+            _PART_CONFIDENCE,
+            "synonym",
+            f"{entry.phrase!r} is part of {s.name}, which CDPDNet segments as one structure",
+        )
+    return Resolution(text, s, 1.0, "synonym", f"{entry.phrase!r} is a synonym of {s.name}")
+
+
+def _lexical(text: str, q: _Query, threshold: float) -> tuple[Resolution | None, list, str | None]:
+    """(resolution, ranked fuzzy candidates, why refused) for the offline stages."""
+    if q.text.isdigit():
+        n = int(q.text)
+        if 1 <= n <= len(STRUCTURES):
+            s = STRUCTURES[n - 1]
+            return Resolution(text, s, 1.0, "exact", f"structure number {n}"), [], None
+        return None, [], f"structure numbers run from 1 to {len(STRUCTURES)}"
+    entry = _table().get(q.text) or _compact_table().get(q.compact)
+    if entry is not None:
+        return _accept(text, entry, q, score=1.0, fuzzy=False), [], None
+    if len(q.compact) < _MIN_FUZZY_LENGTH:
+        return None, _fuzzy(q), f"{text!r} is too short to match approximately"
+    ranked = _fuzzy(q)
+    if not ranked:
+        return None, ranked, None
+    best_score, _, best = ranked[0]
+    needed = max(threshold, _FUZZY_FLOOR)
+    if best_score < needed:
+        return (
+            None,
+            ranked,
+            f"best match {best.phrase!r} has similarity {best_score:.2f} < {needed:.2f}",
+        )
+    rival = next((r for r in ranked[1:] if r[2].target != best.target), None)
+    if rival is not None and best_score - rival[0] < _FUZZY_TIE and best_score < 1.0:
+        raise UnresolvedStructure(
+            f"{text!r} is equally close to {best.phrase!r} and {rival[1]!r}; say which you mean.",
+            text=text,
+            kind="ambiguous",
+            suggestions=_suggest(ranked),
+        )
+    return _accept(text, best, q, score=best_score, fuzzy=True), ranked, None
+
+
+@lru_cache(maxsize=1)
+def _compact_table() -> dict[str, _Entry]:
+    """Same table keyed without spaces ("gall bladder" == "gallbladder"); unambiguous keys only."""
+    out: dict[str, _Entry] = {}
+    clash: set[str] = set()
+    for key, entry in _table().items():
+        c = key.replace(" ", "")
+        if c in out and out[c].target != entry.target:
+            clash.add(c)
+        out.setdefault(c, entry)
+    for c in clash:
+        del out[c]
+    return out
+
+
+def resolve(
+    text: str,
+    *,
+    clip_scorer: ClipScorer | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> Resolution:
+    """Resolve one phrase to one of the 32 structures, or refuse with suggestions.
+
+    Args:
+        text: what the user typed ("IVC", "left kidney", "liver lesion").
+        clip_scorer: enables the CLIP stage for phrases no name, synonym or typo match covers.
+        threshold: minimum confidence (0..1) to accept a fuzzy or CLIP match (fuzzy matches
+            also need a similarity of at least 0.7).
+
+    Raises:
+        UnresolvedStructure (a VocabularyError): unknown, ambiguous, a group of several
+        structures, or not something CDPDNet segments; ``suggestions`` lists likely structures.
+    """
+    if not isinstance(text, str):
+        raise UnresolvedStructure(f"{text!r} is not text", text=str(text), kind="empty")
+    text = " ".join(text.split())
+    q = _analyse(text)
+    if not q.text:
+        raise UnresolvedStructure(
+            "no structure name given: type one, e.g. 'liver' or 'left kidney'",
+            text=text,
+            kind="empty",
+        )
+    if q.conflicting:
+        raise UnresolvedStructure(
+            f"{text!r} names both the left and the right side; ask for each separately "
+            "(e.g. 'left kidney, right kidney') or use the plural ('kidneys')",
+            text=text,
+            kind="conflicting_laterality",
+        )
+    try:
+        found, ranked, why = _lexical(text, q, threshold)
+    except UnresolvedStructure as exc:
+        if exc.kind != "not_supported" or exc.suggestions or clip_scorer is None:
+            raise
+        # A known unsupported structure: CLIP's ranking is the only meaningful "nearest".
+        nearest = _ClipRanking.of(text, clip_scorer).structures()
+        raise UnresolvedStructure(
+            f"{exc} Nearest by CLIP: {_names(nearest)}.",
+            text=text,
+            kind="not_supported",
+            suggestions=nearest,
+        ) from None
+    if found is not None:
+        logger.debug("%s", found)
+        return found
+    suggestions = _suggest(ranked)
+    if clip_scorer is not None:
+        ranking = _ClipRanking.of(text, clip_scorer)
+        if ranking.confidence >= threshold:
+            return Resolution(
+                text, ranking.best, ranking.confidence, "clip", f"CLIP text similarity: {ranking}"
+            )
+        clip_top = ranking.structures()
+        suggestions = [*clip_top, *[s for s in suggestions if s not in clip_top]][:3]
+        clip_why = f"CLIP: best {ranking.best.name} below the threshold ({ranking})"
+        why = f"{why}; {clip_why}" if why else clip_why
+    nearest = f" Nearest: {_names(suggestions)}." if suggestions else ""
+    raise UnresolvedStructure(
+        f"{text!r} is not one of the 32 structures CDPDNet segments ({why}).{nearest} "
+        "Run `cdpdnet structures` for the list.",
+        text=text,
+        kind="unknown",
+        suggestions=suggestions,
+    )
+
+
+@dataclass(frozen=True)
+class _ClipRanking:
+    """The 32 structures ordered by CLIP probability for one text."""
+
+    order: tuple[int, ...]
+    probs: tuple[float, ...]
+    cosines: tuple[float, ...]
+
+    @classmethod
+    def of(cls, text: str, scorer: ClipScorer) -> _ClipRanking:
+        probs = [float(p) for p in scorer.probabilities(text)]
+        cos = [float(c) for c in scorer.similarities(text)]
+        order = sorted(range(len(probs)), key=lambda i: -probs[i])
+        return cls(tuple(order), tuple(probs), tuple(cos))
+
+    @property
+    def best(self) -> Structure:
+        return STRUCTURES[self.order[0]]
+
+    @property
+    def confidence(self) -> float:
+        return round(self.probs[self.order[0]], 3)
+
+    def structures(self, n: int = 3) -> list[Structure]:
+        return [STRUCTURES[i] for i in self.order[:n]]
+
+    def __str__(self) -> str:
+        top, second = self.order[0], self.order[1]
+        return (
+            f"cosine {self.cosines[top]:.3f} to the fixed embedding of '{self.best.prompt}', "
+            f"probability {self.probs[top]:.2f} among the 32 structures "
+            f"(next: {STRUCTURES[second].name} {self.probs[second]:.2f})"
+        )
+
+
+# --------------------------------------------------------------------------- many
+_SPLIT = re.compile(r"\s*(?:[,;\n/+&]|\band\b|\bplus\b|\bund\b|\bet\b)\s*", re.IGNORECASE)
+
+
+def _pieces(text: str) -> list[str]:
+    return [p.strip() for p in _SPLIT.split(text) if p and p.strip()]
+
+
+def _exact_only(phrase: str) -> list[Structure] | None:
+    """Structures a phrase names exactly (a name, synonym or group), else None."""
+    q = _analyse(phrase)
+    if not q.text or q.conflicting:
+        return None
+    entry = _table().get(q.text) or _compact_table().get(q.compact)
+    if entry is None:
+        return None
+    if entry.kind in ("name", "synonym", "part"):
+        return [entry.structures[0]]
+    if entry.kind == "group" or (entry.kind == "ambiguous" and q.bilateral):
+        try:
+            _accept(phrase, entry, q, score=1.0, fuzzy=False)
+        except UnresolvedStructure as exc:
+            if exc.kind == "group":
+                return list(entry.structures)
+    return None
+
+
+def _expand_sides(pieces: list[str]) -> list[str]:
+    """ "left and right kidney" / "kidney left and right" -> one phrase per side."""
+    out = list(pieces)
+    for i, piece in enumerate(pieces):
+        q = _analyse(piece)
+        bare = q.laterality is not None and q.text == q.laterality
+        if not bare:
+            continue
+        neighbours = [j for j in (i + 1, i - 1) if 0 <= j < len(pieces)]
+        for j in neighbours:
+            nq = _analyse(pieces[j])
+            if nq.laterality and nq.laterality != q.laterality and nq.text != nq.laterality:
+                out[i] = f"{q.laterality} {nq.text.split(' ', 1)[1]}"
+                break
+    return out
+
+
+def resolve_many(
+    text_or_list: str | Iterable[str],
+    *,
+    clip_scorer: ClipScorer | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> list[Resolution]:
+    """Resolve a list ("liver, left kidney and spleen") into structures, in order, without repeats.
+
+    Splits on commas, semicolons, "and", "+", "&" and new lines, but keeps a name that contains
+    "and" whole ("portal vein and splenic vein"). Groups expand ("kidneys", "all tumors"), and
+    "left and right kidney" gives both. Every phrase that fails is reported in one error.
+
+    Raises:
+        UnresolvedStructure: naming each refused phrase with its reason; ``suggestions`` merges
+            theirs.
+    """
+    phrases = [text_or_list] if isinstance(text_or_list, str) else [str(t) for t in text_or_list]
+    pieces = [p for phrase in phrases for p in _expand_sides(_pieces(phrase))]
+    if not pieces:
+        raise UnresolvedStructure("no structure names given", kind="empty")
+    results: list[Resolution] = []
+    failures: list[UnresolvedStructure] = []
+    i = 0
+    while i < len(pieces):
+        taken = False
+        for j in range(len(pieces), i + 1, -1):  # longest run of pieces that is one exact name
+            joined = " and ".join(pieces[i:j])
+            hits = _exact_only(joined)
+            if hits:
+                results += _resolved(joined, hits)
+                i, taken = j, True
+                break
+        if taken:
+            continue
+        piece = pieces[i]
+        hits = _exact_only(piece)
+        try:
+            results += (
+                _resolved(piece, hits)
+                if hits
+                else [resolve(piece, clip_scorer=clip_scorer, threshold=threshold)]
+            )
+        except UnresolvedStructure as exc:
+            failures.append(exc)
+        i += 1
+    if failures:
+        if len(failures) == 1 and len(pieces) == 1:
+            raise failures[0]
+        msg = f"{len(failures)} of {len(pieces)} names could not be used:\n" + "\n".join(
+            f"  - {f}" for f in failures
+        )
+        suggestions = [s for f in failures for s in f.suggestions]
+        raise UnresolvedStructure(
+            msg,
+            text="; ".join(f.text for f in failures),
+            kind="unknown",
+            suggestions=list(dict.fromkeys(suggestions)),
+        )
+    unique: dict[int, Resolution] = {}
+    for r in results:
+        unique.setdefault(r.structure.index, r)
+    return list(unique.values())
+
+
+def _resolved(phrase: str, hits: list[Structure]) -> list[Resolution]:
+    """Resolutions for an exactly named phrase: itself, or each member of a group."""
+    if len(hits) == 1:
+        return [resolve(phrase)]
+    return [
+        Resolution(
+            phrase,
+            s,
+            1.0,
+            "synonym",
+            f"{phrase!r} names {len(hits)} structures, including {s.name}",
+        )
+        for s in hits
+    ]
+
+
+# --------------------------------------------------------------------------- CLIP
+def load_organ_embedding(checkpoint: str | Path) -> np.ndarray:
+    """The fixed ``organ_embedding`` buffer [32, 512] of a CDPDNet checkpoint, as float32.
+
+    Accepts the official training format (``{"net": state_dict}`` with a ``module.`` prefix) and
+    plain state dicts. Memory-maps the file, so only this buffer is read.
+    """
+    import numpy as np
+    import torch
+
+    path = Path(checkpoint)
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is a weights problem
+        raise WeightsError(
+            f"{path}: cannot read the checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
+    state: Any = obj.get("net", obj.get("state_dict", obj)) if isinstance(obj, dict) else None
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: not a CDPDNet checkpoint (no state dict inside)")
+    keys = [k for k in state if k == "organ_embedding" or k.endswith(".organ_embedding")]
+    if not keys:
+        raise WeightsError(
+            f"{path}: no organ_embedding in the checkpoint; is it a CDPDNet checkpoint?"
+        )
+    emb = state[keys[0]]
+    if tuple(emb.shape) != (len(STRUCTURES), 512):
+        raise WeightsError(
+            f"{path}: organ_embedding has shape {tuple(emb.shape)}, expected (32, 512)"
+        )
+    return np.asarray(emb.detach().float().cpu().numpy(), dtype=np.float32)
+
+
+class ClipScorer:
+    """Scores free text against the checkpoint's 32 fixed organ embeddings with CLIP ViT-B/32.
+
+    The typed text goes through the official template ("A computerized tomography of a
+    {text}") and CLIP's text tower; its cosine similarity to each of the 32 organ embeddings
+    (computed by the authors from the official names with the same template) ranks the
+    structures, and CLIP's own logit scale turns the cosines into probabilities. This only
+    ranks the fixed 32 structures: the model's text conditioning does not depend on the query.
+
+    Nothing is loaded until the first score is asked for. Give ``model`` (an open_clip model)
+    and ``organ_embeddings`` directly, or let them come from the weights (``clip_weights``,
+    ``checkpoint``, resolved through :mod:`napari_cdpdnet.weights`).
+    """
+
+    def __init__(
+        self,
+        model: Any = None,
+        organ_embeddings: Any = None,
+        *,
+        tokenizer: Any = None,
+        clip_weights: str | Path | None = None,
+        checkpoint: str | Path | None = None,
+        allow_download: bool = False,
+    ) -> None:
+        self._model = model
+        self._organ = organ_embeddings
+        self._tokenizer = tokenizer
+        self._clip_weights = clip_weights
+        self._checkpoint = checkpoint
+        self._allow_download = allow_download
+        self._cache: dict[str, Any] = {}
+
+    def _ensure(self) -> None:
+        import numpy as np
+        import torch
+
+        if self._model is None:
+            import open_clip
+
+            from napari_cdpdnet.weights import resolve_clip
+
+            path = resolve_clip(self._clip_weights, allow_download=self._allow_download)
+            logger.info("loading CLIP ViT-B/32 text tower from %s", path)
+            try:
+                self._model = open_clip.create_model(
+                    "ViT-B-32", pretrained=str(path), force_quick_gelu=True
+                )
+            except Exception as exc:  # noqa: BLE001 - the file passed its checks but does not load
+                raise WeightsError(
+                    f"{path}: not usable as open_clip ViT-B-32 weights ({exc})"
+                ) from exc
+        self._model.eval()
+        if self._tokenizer is None:
+            import open_clip
+
+            self._tokenizer = open_clip.get_tokenizer("ViT-B-32")
+        if self._organ is None:
+            from napari_cdpdnet.weights import resolve_checkpoint
+
+            self._organ = load_organ_embedding(
+                resolve_checkpoint(self._checkpoint, allow_download=self._allow_download)
+            )
+        organ = torch.as_tensor(np.asarray(self._organ, dtype=np.float32))
+        if tuple(organ.shape) != (len(STRUCTURES), 512):
+            raise WeightsError(
+                f"organ embeddings have shape {tuple(organ.shape)}, expected (32, 512)"
+            )
+        self._organ_unit = torch.nn.functional.normalize(organ, dim=-1)
+
+    @property
+    def logit_scale(self) -> float:
+        """CLIP's learned temperature (100 for the OpenAI weights)."""
+        self._ensure()
+        scale = getattr(self._model, "logit_scale", None)
+        return float(scale.detach().exp()) if scale is not None else 100.0
+
+    def similarities(self, text: str) -> np.ndarray:
+        """Cosine similarity of the prompted text to each of the 32 organ embeddings, [32]."""
+        key = " ".join(text.split())
+        if key not in self._cache:
+            import torch
+
+            self._ensure()
+            tokens = self._tokenizer([PROMPT_TEMPLATE.format(key)])
+            with torch.inference_mode():
+                emb = self._model.encode_text(tokens).float()
+            unit = torch.nn.functional.normalize(emb, dim=-1)
+            self._cache[key] = (unit @ self._organ_unit.T)[0].cpu().numpy()
+        return self._cache[key]
+
+    def probabilities(self, text: str) -> np.ndarray:
+        """Softmax over the 32 structures of ``logit_scale`` x cosine, [32]."""
+        import numpy as np
+
+        logits = self.logit_scale * self.similarities(text).astype(np.float64)
+        e = np.exp(logits - logits.max())
+        return e / e.sum()

@@ -1,0 +1,483 @@
+"""The fixed CDPDNet vocabulary: 32 output structures, 11 training tasks, and pass planning.
+
+Plain data, no torch: the GUI, the CLI, exporters and tests read names, colours and SNOMED
+codes from here without loading a model. The data live in ``resources/structures.json`` and
+``resources/tasks.json``.
+
+What a user types never changes what the network computes. CDPDNet's text conditioning is a
+set of fixed constants: all 32 organ and 11 task CLIP embeddings are flattened into FiLM
+parameters (SPEC §6.3), and every pass predicts all 32 channels. A request only selects which
+of the 32 outputs are kept and which of the 11 task prompts runs. There is no open vocabulary.
+
+Examples:
+    >>> structure("left_kidney").channel
+    2
+    >>> plan_passes(["liver_tumor", "pancreas_tumor"]).describe()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from napari_cdpdnet._resources import load_json
+from napari_cdpdnet.errors import VocabularyError
+
+__all__ = [
+    "Code",
+    "SegmentCoding",
+    "Structure",
+    "Task",
+    "Pass",
+    "SegmentationPlan",
+    "SpecialTerm",
+    "STRUCTURES",
+    "TASKS",
+    "SPECIAL_TERMS",
+    "PROMPT_TEMPLATE",
+    "GROUPS",
+    "structure",
+    "structures",
+    "task",
+    "plan_passes",
+    "required_channels",
+    "FIXED_CONDITIONING_NOTE",
+]
+
+logger = logging.getLogger(__name__)
+
+#: One sentence every user-facing listing repeats, so nobody mistakes the resolver for an
+#: open-vocabulary model.
+FIXED_CONDITIONING_NOTE = (
+    "CDPDNet always computes the same 32 structures: its text conditioning is fixed (all organ and "
+    "task embeddings are built into the model), so a typed name only selects which outputs you get "
+    "and which of the 11 task prompts runs; it cannot add a new structure."
+)
+
+#: The three groups a structure belongs to.
+GROUPS: tuple[str, ...] = ("organ", "vessel", "tumour")
+_LATERALITIES = (None, "left", "right")
+_TERM_KINDS = ("group", "ambiguous", "not_supported")
+
+
+class Code(NamedTuple):
+    """A coded concept as DICOM writes it: (code value, coding scheme designator, code meaning).
+
+    A plain tuple too, so it can be passed wherever ``(value, scheme, meaning)`` is expected.
+    """
+
+    value: str
+    scheme: str
+    meaning: str
+
+
+@dataclass(frozen=True)
+class SegmentCoding:
+    """The codes a DICOM-SEG segment description needs (category, type, modifiers, region)."""
+
+    category: Code
+    type: Code
+    type_modifier: Code | None
+    region: Code | None
+    region_modifier: Code | None
+    source: str
+
+
+@dataclass(frozen=True)
+class Structure:
+    """One of the 32 CDPDNet outputs.
+
+    Attributes:
+        index: 1..32, the official organ number.
+        key: stable identifier, e.g. ``"left_kidney"`` (use it in files and settings).
+        name: display name, official typos fixed ("Aorta", "Celiac Trunk").
+        official_name: the name in the official CLIP prompt list, typos kept ("Arota"): the
+            checkpoint's organ embedding was computed from "A computerized tomography of a" + it.
+        synonyms, abbreviations: other ways users name it (lower-case matching in the resolver).
+        part_terms: names of a part of this structure; asking for one gives the whole structure.
+        laterality: "left", "right" or None (patient's side).
+        group: "organ", "vessel" or "tumour" (tumours and cysts).
+        color: (r, g, b) 0..255.
+        snomed: DICOM-SEG coding.
+        companions: indices of other structures SPEC §12 post-processing reads.
+    """
+
+    index: int
+    key: str
+    name: str
+    official_name: str
+    synonyms: tuple[str, ...]
+    abbreviations: tuple[str, ...]
+    part_terms: tuple[str, ...]
+    laterality: str | None
+    group: str
+    color: tuple[int, int, int]
+    color_source: str
+    snomed: SegmentCoding
+    companions: tuple[int, ...]
+    notes: str
+
+    @property
+    def channel(self) -> int:
+        """Output channel 0..31 of the network."""
+        return self.index - 1
+
+    @property
+    def color_hex(self) -> str:
+        return "#{:02x}{:02x}{:02x}".format(*self.color)
+
+    @property
+    def prompt(self) -> str:
+        """The official CLIP prompt this structure's fixed embedding was computed from."""
+        return PROMPT_TEMPLATE.format(self.official_name)
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __repr__(self) -> str:
+        return f"Structure({self.index}, {self.key!r})"
+
+
+@dataclass(frozen=True)
+class Task:
+    """One of the 11 training tasks (prompt channels).
+
+    ``structures`` is the label set as structure indices (1..32), in the official template
+    order: what that dataset labelled during training, and so what this task prompt was
+    trained to emphasise. ``datasets`` are (key, name) pairs (MSD has six sub-datasets).
+    """
+
+    id: int
+    key: str
+    name: str
+    datasets: tuple[tuple[str, str], ...]
+    structures: tuple[int, ...]
+
+    @property
+    def dataset(self) -> str:
+        return "; ".join(name for _, name in self.datasets)
+
+    def covers(self, items: Iterable[Structure | int | str]) -> bool:
+        """True when every given structure is in this task's label set."""
+        wanted = {structure(s).index for s in items}
+        return wanted <= set(self.structures)
+
+    def __str__(self) -> str:
+        return f"task {self.id} ({self.name})"
+
+
+@dataclass(frozen=True)
+class SpecialTerm:
+    """A phrase that is not one structure: a group, an ambiguous word or an unsupported one."""
+
+    term: str
+    kind: str  # "group" | "ambiguous" | "not_supported"
+    structures: tuple[Structure, ...]
+    note: str
+
+
+# --------------------------------------------------------------------------- loading
+def _code(raw: Any, where: str) -> Code | None:
+    if raw is None:
+        return None
+    if not (isinstance(raw, list) and len(raw) == 3 and all(isinstance(x, str) and x for x in raw)):
+        raise RuntimeError(f"structures.json: {where} must be [code, scheme, meaning], got {raw!r}")
+    return Code(*raw)
+
+
+def _load_structures() -> tuple[tuple[Structure, ...], str]:
+    """Parse and validate structures.json (a broken file is a packaging bug: fail loudly)."""
+    data = load_json("structures.json")
+    out: list[Structure] = []
+    for n, raw in enumerate(data["structures"], start=1):
+        where = f"structure {n}"
+        if raw["index"] != n:
+            raise RuntimeError(f"structures.json: {where} has index {raw['index']}, expected {n}")
+        if raw["laterality"] not in _LATERALITIES or raw["group"] not in GROUPS:
+            raise RuntimeError(f"structures.json: {where} has a bad laterality or group")
+        color = tuple(int(c) for c in raw["color"])
+        if len(color) != 3 or not all(0 <= c <= 255 for c in color):
+            raise RuntimeError(f"structures.json: {where} has a bad colour {raw['color']!r}")
+        sn = raw["snomed"]
+        category = _code(sn["category"], f"{where} category")
+        type_ = _code(sn["type"], f"{where} type")
+        assert category is not None and type_ is not None
+        out.append(
+            Structure(
+                index=n,
+                key=raw["key"],
+                name=raw["name"],
+                official_name=raw["official_name"],
+                synonyms=tuple(raw["synonyms"]),
+                abbreviations=tuple(raw["abbreviations"]),
+                part_terms=tuple(raw["part_terms"]),
+                laterality=raw["laterality"],
+                group=raw["group"],
+                color=color,  # type: ignore[arg-type]
+                color_source=raw["color_source"],
+                snomed=SegmentCoding(
+                    category=category,
+                    type=type_,
+                    type_modifier=_code(sn["type_modifier"], f"{where} type modifier"),
+                    region=_code(sn["region"], f"{where} region"),
+                    region_modifier=_code(sn["region_modifier"], f"{where} region modifier"),
+                    source=sn["source"],
+                ),
+                companions=tuple(int(i) for i in raw["postprocess_companions"]),
+                notes=raw["notes"],
+            )
+        )
+    if len(out) != 32:
+        raise RuntimeError(f"structures.json must list 32 structures, found {len(out)}")
+    keys = [s.key for s in out]
+    if len(set(keys)) != len(keys):
+        raise RuntimeError("structures.json: duplicate keys")
+    for s in out:
+        if any(not 1 <= c <= 32 or c == s.index for c in s.companions):
+            raise RuntimeError(f"structures.json: {s.key} has bad post-processing companions")
+    return tuple(out), str(data["prompt_template"])
+
+
+def _load_tasks() -> tuple[Task, ...]:
+    data = load_json("tasks.json")
+    out = []
+    for n, raw in enumerate(data["tasks"]):
+        labels = tuple(int(i) for i in raw["structures"])
+        if raw["id"] != n or not labels or not all(1 <= i <= 32 for i in labels):
+            raise RuntimeError(f"tasks.json: task {n} is malformed")
+        union = {int(i) for d in raw["datasets"] for i in d["structures"]}
+        if union != set(labels):
+            raise RuntimeError(f"tasks.json: task {n}'s label set is not the union of its datasets")
+        out.append(
+            Task(
+                id=n,
+                key=raw["key"],
+                name=raw["name"],
+                datasets=tuple((d["key"], d["name"]) for d in raw["datasets"]),
+                structures=labels,
+            )
+        )
+    if len(out) != 11:
+        raise RuntimeError(f"tasks.json must list 11 tasks, found {len(out)}")
+    return tuple(out)
+
+
+STRUCTURES, PROMPT_TEMPLATE = _load_structures()
+TASKS: tuple[Task, ...] = _load_tasks()
+
+_BY_NAME: dict[str, Structure] = {}
+for _s in STRUCTURES:
+    for _label in (_s.key, _s.name, _s.official_name, _s.key.replace("_", " ")):
+        _BY_NAME[_label.casefold()] = _s
+
+
+def _load_terms() -> tuple[SpecialTerm, ...]:
+    out = []
+    for raw in load_json("structures.json")["terms"]:
+        if raw["kind"] not in _TERM_KINDS:
+            raise RuntimeError(
+                f"structures.json: term {raw['term']!r} has unknown kind {raw['kind']!r}"
+            )
+        members = tuple(_BY_NAME[k] for k in raw["structures"])
+        out.append(SpecialTerm(raw["term"], raw["kind"], members, raw["note"]))
+    return tuple(out)
+
+
+#: Group words ("kidneys", "all tumors"), ambiguous words ("bowel") and named structures the
+#: model cannot segment ("brain"), for the resolver.
+SPECIAL_TERMS: tuple[SpecialTerm, ...] = _load_terms()
+
+
+# --------------------------------------------------------------------------- lookup
+def structure(value: Structure | int | str) -> Structure:
+    """The structure with this index (1..32), key, display name or official name.
+
+    Exact lookup only (case-insensitive); free text such as "IVC" or "kidney left" goes through
+    :func:`napari_cdpdnet.resolver.resolve`.
+
+    Raises:
+        VocabularyError: nothing matches exactly.
+    """
+    if isinstance(value, Structure):
+        return value
+    if isinstance(value, bool):
+        raise VocabularyError(f"{value!r} is not a structure")
+    if isinstance(value, int):
+        if 1 <= value <= len(STRUCTURES):
+            return STRUCTURES[value - 1]
+        raise VocabularyError(
+            f"structure index {value} is out of range: CDPDNet structures are numbered 1..32 "
+            "(run `cdpdnet structures` for the list)"
+        )
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isdigit():
+            return structure(int(text))
+        found = _BY_NAME.get(text.casefold())
+        if found is not None:
+            return found
+        raise VocabularyError(
+            f"{value!r} is not a CDPDNet structure key or name; use a key such as 'left_kidney', "
+            "or napari_cdpdnet.resolver.resolve() for free text (run `cdpdnet structures` for the list)"
+        )
+    raise VocabularyError(f"{value!r} is not a structure (expected an index, key or name)")
+
+
+def structures(values: Iterable[Structure | int | str]) -> tuple[Structure, ...]:
+    """Several structures, duplicates dropped, in the given order."""
+    seen: dict[int, Structure] = {}
+    for v in values:
+        s = structure(v)
+        seen.setdefault(s.index, s)
+    return tuple(seen.values())
+
+
+def task(value: Task | int | str) -> Task:
+    """A task by id (0..10), key ("lits") or name ("LiTS")."""
+    if isinstance(value, Task):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(TASKS):
+        return TASKS[value]
+    if isinstance(value, str):
+        text = value.strip()
+        if text.isdigit():
+            return task(int(text))
+        for t in TASKS:
+            if text.casefold() in (t.key.casefold(), t.name.casefold()):
+                return t
+    known = ", ".join(f"{t.id}={t.key}" for t in TASKS)
+    raise VocabularyError(f"unknown task {value!r}; use an id 0..10 or a key ({known})")
+
+
+# --------------------------------------------------------------------------- planning
+def required_channels(items: Iterable[Structure | int | str]) -> set[int]:
+    """Network channels (0..31) that must be computed to post-process these structures.
+
+    SPEC §12 post-processing reads companion channels: a kidney tumour is kept only inside the
+    kidneys, a liver tumour inside the liver, the lungs are split from the union of both lung
+    channels, and the portal/splenic vein is cut below the pancreas. The result includes the
+    requested channels themselves.
+    """
+    out: set[int] = set()
+    for s in structures(items):
+        out.add(s.channel)
+        out.update(i - 1 for i in s.companions)
+    return out
+
+
+class Pass(NamedTuple):
+    """One network pass: a task prompt and the requested structures taken from it."""
+
+    task: Task
+    structures: tuple[Structure, ...]
+
+    @property
+    def channels(self) -> set[int]:
+        """Channels to post-process for this pass (requested plus companions)."""
+        return required_channels(self.structures)
+
+
+@dataclass(frozen=True)
+class SegmentationPlan:
+    """Which task prompts to run for a request, and which structures each pass provides."""
+
+    requested: tuple[Structure, ...]
+    passes: tuple[Pass, ...]
+
+    def __iter__(self) -> Iterator[Pass]:
+        return iter(self.passes)
+
+    def __len__(self) -> int:
+        return len(self.passes)
+
+    def task_for(self, item: Structure | int | str) -> Task:
+        """The task whose pass provides this structure."""
+        s = structure(item)
+        for p in self.passes:
+            if s in p.structures:
+                return p.task
+        raise VocabularyError(f"{s.name} is not part of this plan")
+
+    def describe(self) -> str:
+        """Readable plan for logs, the CLI and the GUI."""
+        n = len(self.passes)
+        lines = [f"{n} pass{'es' if n != 1 else ''} for {len(self.requested)} structure(s):"]
+        for i, p in enumerate(self.passes, start=1):
+            names = ", ".join(s.name for s in p.structures)
+            lines.append(f"  pass {i}: task {p.task.id} ({p.task.name}) -> {names}")
+        lines.append(
+            "Each pass computes all 32 outputs; the task prompt only selects which dataset's "
+            "labelling the network imitates, so structures are taken from a task trained on them."
+        )
+        return "\n".join(lines)
+
+
+def _specificity(t: Task) -> tuple[int, int]:
+    return (len(t.structures), t.id)
+
+
+def plan_passes(
+    items: Iterable[Structure | int | str], *, force_task: Task | int | str | None = None
+) -> SegmentationPlan:
+    """Plan the fewest passes whose task label sets together cover the request.
+
+    Tie-break (deterministic): among covers with the fewest tasks, the one with the smallest
+    total label-set size (the most specific prompts: LiTS rather than AMOS for a liver tumour),
+    then the lexicographically smallest task ids. Each structure is taken from the most specific
+    chosen task that labelled it; passes are ordered by task id.
+
+    Args:
+        items: structures (objects, indices, keys or names).
+        force_task: run this one task instead; it must cover every requested structure.
+
+    Raises:
+        VocabularyError: empty request, unknown structure, or a forced task that does not
+            cover the request.
+    """
+    wanted = structures(items)
+    if not wanted:
+        raise VocabularyError(
+            "no structures requested: name at least one (run `cdpdnet structures`)"
+        )
+    indices = {s.index for s in wanted}
+    if force_task is not None:
+        forced = task(force_task)
+        missing = [s for s in wanted if s.index not in forced.structures]
+        if missing:
+            alternatives = "; ".join(
+                f"{s.name}: tasks {', '.join(str(t.id) for t in TASKS if s.index in t.structures)}"
+                for s in missing
+            )
+            raise VocabularyError(
+                f"task {forced.id} ({forced.name}) was not trained on "
+                f"{', '.join(s.name for s in missing)} ({alternatives}); "
+                "pick another task or let the plan choose"
+            )
+        return SegmentationPlan(wanted, (Pass(forced, wanted),))
+
+    best: tuple[Task, ...] | None = None
+    for size in range(1, len(TASKS) + 1):
+        covers = [
+            combo
+            for combo in itertools.combinations(TASKS, size)
+            if indices <= set().union(*(t.structures for t in combo))
+        ]
+        if covers:
+            best = min(covers, key=lambda c: (sum(len(t.structures) for t in c), [t.id for t in c]))
+            break
+    if best is None:  # every structure is in some task, so this is a data bug
+        raise RuntimeError("tasks.json does not cover every structure")
+
+    assigned: dict[int, list[Structure]] = {t.id: [] for t in best}
+    for s in wanted:
+        home = min((t for t in best if s.index in t.structures), key=_specificity)
+        assigned[home.id].append(s)
+    passes = tuple(
+        Pass(t, tuple(assigned[t.id])) for t in sorted(best, key=lambda t: t.id) if assigned[t.id]
+    )
+    plan = SegmentationPlan(wanted, passes)
+    logger.debug("%s", plan.describe())
+    return plan
