@@ -47,6 +47,15 @@ def shared_path() -> Callable[..., Path]:
     return get
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_triton_next_to_opengl() -> None:
+    """GUI tests create OpenGL canvases (Mesa llvmpipe under Xvfb); triton imported afterwards
+    would crash the whole test process. The plugin guards against this the same way."""
+    from napari_cdpdnet._triton_guard import block_triton_without_cuda
+
+    block_triton_without_cuda()
+
+
 @pytest.fixture(autouse=True)
 def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never download: the Hugging Face hub is forced offline for every test."""

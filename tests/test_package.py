@@ -65,3 +65,23 @@ def test_runs_from_the_installed_wheel_when_asked() -> None:
     assert "site-packages" in pkg.parts, f"imported from {pkg}, not from an installed wheel"
     assert not pkg.parent.joinpath("napari.yaml").is_symlink()
     assert metadata.version("napari-cdpdnet") == napari_cdpdnet.__version__
+
+
+def test_triton_is_blocked_without_cuda_so_opengl_processes_survive() -> None:
+    """Without CUDA, a GUI process must not load triton (it segfaults next to Mesa's OpenGL)."""
+    code = (
+        "import torch\n"
+        "from napari_cdpdnet._triton_guard import block_triton_without_cuda\n"
+        "blocked = block_triton_without_cuda()\n"
+        "assert blocked == (not torch.cuda.is_available())\n"
+        "if blocked:\n"
+        "    import torch.utils._triton as t\n"
+        "    assert not t.has_triton_package()\n"
+        "    try:\n"
+        "        import triton\n"
+        "    except ImportError:\n"
+        "        pass\n"
+        "    else:\n"
+        "        raise AssertionError('triton imported')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
