@@ -27,7 +27,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,8 +35,16 @@ import numpy as np
 from napari_cdpdnet.errors import Cancelled, InputError
 from napari_cdpdnet.geometry import Geometry
 from napari_cdpdnet.postprocess import NUM_STRUCTURES, channels_needed, merge_labels, postprocess
-from napari_cdpdnet.sliding_window import EtaEstimator, Predictor, plan_windows, sliding_window
+from napari_cdpdnet.sliding_window import (
+    EtaEstimator,
+    Predictor,
+    WindowPlan,
+    plan_windows,
+    sliding_window,
+)
 from napari_cdpdnet.transforms import (
+    IndexBox,
+    Preprocessed,
     box_to_preprocessed,
     invert_labels,
     invert_probabilities,
@@ -138,8 +146,8 @@ class ProgressEvent:
 
     Attributes:
         stage: ``"preprocess"``, ``"inference"``, ``"postprocess"`` or ``"invert"``.
-        done, total: units finished / planned in this stage (windows during inference, over all
-            passes; 0/1 and 1/1 elsewhere).
+        done, total: units finished / planned in this stage: windows over all passes during
+            inference, passes during post-processing, 0/1 then 1/1 otherwise.
         elapsed_s: seconds since the stage started.
         eta_s: estimated seconds left in the stage (inference only, once a window is done).
         message: one line for a status bar.
@@ -166,7 +174,8 @@ class SegmentationResult:
         timings: seconds per stage (``preprocess``, ``inference``, ``postprocess``, ``invert``,
             ``total``).
         windows: windows run (all passes).
-        windows_total: windows the full official grid would have needed (all passes).
+        windows_total: windows the whole image needs at the overlap used, before the ROI and
+            air selection (all passes).
         device: device the model ran on.
         settings: the settings used.
     """
@@ -180,7 +189,7 @@ class SegmentationResult:
     windows: int
     windows_total: int
     device: str
-    settings: SegmentationSettings = field(default_factory=SegmentationSettings)
+    settings: SegmentationSettings
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -290,8 +299,6 @@ def segment_array(
         Cancelled: ``should_stop()`` returned True (nothing is returned or written).
         InputError: bad array/geometry, passes, settings, device or ROI.
     """
-    import torch
-
     settings = settings or SegmentationSettings()
     plan_passes = _check_passes(passes)
     device = resolve_device(settings.device)
@@ -299,69 +306,25 @@ def segment_array(
         logger.info("settings deviate from the official pipeline (preset %s, overlap %.2f, "
                     "skip_air %s, autocast %s)", settings.preset, settings.effective_overlap,
                     settings.effective_skip_air, settings.autocast)
-
-    def emit(stage: str, done: int, total: int, start: float, eta: float | None, msg: str) -> None:
-        if progress is not None:
-            progress(ProgressEvent(stage, done, total, time.perf_counter() - start, eta, msg))
-
-    def check_stop(where: str) -> None:
-        if should_stop is not None and should_stop():
-            raise Cancelled(f"segmentation cancelled {where}")
-
-    timings: dict[str, float] = {}
+    run = _Run(progress, should_stop)
     t_all = time.perf_counter()
     with _torch_threads(settings.threads):
-        check_stop("before it started")
-        t0 = time.perf_counter()
-        emit("preprocess", 0, 1, t0, None, "Resampling to 1.5 mm and windowing")
+        run.check("before it started")
+        t0 = run.emit("preprocess", 0, 1, "Resampling to 1.5 mm and windowing")
         pre = preprocess(array, geometry)
         box = box_to_preprocessed(settings.roi, pre) if settings.roi is not None else None
         plan = plan_windows(pre.shape, overlap=settings.effective_overlap, box=box,
                             image=pre.image, skip_air=settings.effective_skip_air)
-        timings["preprocess"] = time.perf_counter() - t0
-        emit("preprocess", 1, 1, t0, None, f"Model grid {pre.shape}, {plan.count} windows per pass")
-        check_stop("after preprocessing")
+        run.timings["preprocess"] = time.perf_counter() - t0
+        run.emit("preprocess", 1, 1, f"Model grid {pre.shape}, {plan.count} windows per pass", t0)
+        run.check("after preprocessing")
 
-        total = plan.count * len(plan_passes)
-        region = plan.region
-        masks: dict[int, np.ndarray] = {}
-        probs: dict[int, np.ndarray] = {}
-        t_inf = 0.0
-        t_post = 0.0
-        eta = EtaEstimator()
-        t_start_inf = time.perf_counter()
-        for p, (task, structures) in enumerate(plan_passes):
-            t1 = time.perf_counter()
-            offset = p * plan.count
+        masks, probs = _run_passes(pre, plan, box, plan_passes, predictor, settings, device, run)
 
-            def on_window(done: int, _n: int, offset: int = offset, task: int = task) -> None:
-                d = offset + done
-                emit("inference", d, total, t_start_inf, eta.eta(d, total),
-                     f"Window {d} of {total} (task {task})")
-
-            out = sliding_window(
-                pre.image, predictor, task, channels_needed(structures), plan=plan,
-                sw_batch_size=settings.batch_size_for(device), device=device,
-                autocast=settings.autocast, progress=on_window, should_stop=should_stop)
-            raw = _threshold(out.logits, out.channels, box, region, probs, structures,
-                             settings.return_probabilities)
-            del out
-            t_inf += time.perf_counter() - t1
-            t2 = time.perf_counter()
-            check_stop("before post-processing")
-            emit("postprocess", 0, 1, t2, None, "Post-processing")
-            masks.update(postprocess(raw, structures))
-            del raw
-            t_post += time.perf_counter() - t2
-        timings["inference"] = t_inf
-        timings["postprocess"] = t_post
-        emit("postprocess", 1, 1, t2, None, "Post-processing done")
-        check_stop("before mapping back")
-
-        t3 = time.perf_counter()
-        emit("invert", 0, 1, t3, None, "Mapping labels back to the original grid")
+        run.check("before mapping back")
+        t3 = run.emit("invert", 0, 1, "Mapping labels back to the original grid")
         model_labels = np.zeros(pre.shape, dtype=np.uint8)
-        model_labels[region] = merge_labels(masks)
+        model_labels[plan.region] = merge_labels(masks)
         del masks
         labels = invert_labels(model_labels, pre)
         del model_labels
@@ -370,23 +333,86 @@ def segment_array(
             probabilities = {}
             for s in sorted(probs):
                 full = np.zeros(pre.shape, dtype=np.float32)
-                full[region] = probs.pop(s)
+                full[plan.region] = probs.pop(s)
                 probabilities[s] = invert_probabilities(full, pre)
                 del full
-        counts = np.bincount(labels.ravel(), minlength=NUM_STRUCTURES + 1)
-        timings["invert"] = time.perf_counter() - t3
-        emit("invert", 1, 1, t3, None, "Done")
-    timings["total"] = time.perf_counter() - t_all
+        counts = _label_counts(labels)
+        run.timings["invert"] = time.perf_counter() - t3
+        run.emit("invert", 1, 1, "Done", t3)
+    run.timings["total"] = time.perf_counter() - t_all
 
-    requested = tuple(s for _, structures in plan_passes for s in structures)
-    found = {int(s): int(counts[s]) for s in sorted(requested) if counts[s] > 0}
+    requested = tuple(sorted(s for _, structures in plan_passes for s in structures))
+    found = {s: int(counts[s]) for s in requested if counts[s] > 0}
+    windows = plan.count * len(plan_passes)
     logger.info("segmented %s on %s: %d windows, found %s, %.1f s", geometry.shape, device,
-                total, found, timings["total"])
+                windows, found, run.timings["total"])
     return SegmentationResult(
-        labels=labels, geometry=geometry, structures=found, requested=tuple(sorted(requested)),
-        probabilities=probabilities, timings=timings, windows=total,
-        windows_total=plan.total * len(plan_passes), device=str(device),
-        settings=replace(settings))
+        labels=labels, geometry=geometry, structures=found, requested=requested,
+        probabilities=probabilities, timings=run.timings, windows=windows,
+        windows_total=plan.total * len(plan_passes), device=str(device), settings=settings)
+
+
+class _Run:
+    """Progress reporting, cancellation checks and stage timings of one ``segment_array`` call."""
+
+    def __init__(self, progress: Callable[[ProgressEvent], Any] | None,
+                 should_stop: Callable[[], bool] | None) -> None:
+        self.progress = progress
+        self.should_stop = should_stop
+        self.timings: dict[str, float] = {}
+
+    def emit(self, stage: str, done: int, total: int, message: str, since: float | None = None,
+             eta: float | None = None) -> float:
+        """Report progress; returns the current time (use it as ``since`` for later events)."""
+        now = time.perf_counter()
+        if self.progress is not None:
+            elapsed = 0.0 if since is None else now - since
+            self.progress(ProgressEvent(stage, done, total, elapsed, eta, message))
+        return now
+
+    def check(self, where: str) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise Cancelled(f"segmentation cancelled {where}")
+
+
+def _run_passes(
+    pre: Preprocessed, plan: WindowPlan, box: IndexBox | None, passes: list[tuple[int, list[int]]],
+    predictor: Predictor, settings: SegmentationSettings, device: torch.device, run: _Run,
+) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """Sliding window, threshold and post-processing per pass, on the windows' region.
+
+    Returns the post-processed masks and (when asked for) the sigmoid maps of the requested
+    structures. Each pass's logits are freed as soon as they are thresholded.
+    """
+    total = plan.count * len(passes)
+    masks: dict[int, np.ndarray] = {}
+    probs: dict[int, np.ndarray] = {}
+    eta = EtaEstimator()
+    t_start = time.perf_counter()
+    run.timings["inference"] = run.timings["postprocess"] = 0.0
+    for p, (task, structures) in enumerate(passes):
+        t1 = time.perf_counter()
+
+        def on_window(done: int, _n: int, offset: int = p * plan.count, task: int = task) -> None:
+            d = offset + done
+            run.emit("inference", d, total, f"Window {d} of {total} (task {task})", t_start,
+                     eta.eta(d, total))
+
+        out = sliding_window(
+            pre.image, predictor, task, channels_needed(structures), plan=plan,
+            sw_batch_size=settings.batch_size_for(device), device=device,
+            autocast=settings.autocast, progress=on_window, should_stop=run.should_stop)
+        raw = _threshold(out.logits, out.channels, box, plan.region, probs, structures,
+                         settings.return_probabilities)
+        del out
+        run.timings["inference"] += time.perf_counter() - t1
+        run.check("before post-processing")
+        t2 = run.emit("postprocess", p, len(passes), "Post-processing")
+        masks.update(postprocess(raw, structures))
+        del raw
+        run.timings["postprocess"] += time.perf_counter() - t2
+        run.emit("postprocess", p + 1, len(passes), "Post-processing done", t2)
+    return masks, probs
 
 
 def _threshold(
@@ -406,7 +432,7 @@ def _threshold(
 
     inside = None
     if box is not None:
-        inside = tuple(slice(b.start - r.start, b.stop - r.start) for b, r in zip(box, region))
+        inside = tuple(slice(b.start - r.start, b.stop - r.start) for b, r in zip(box, region, strict=True))
 
     def restrict(a: np.ndarray) -> np.ndarray:
         if inside is None:
@@ -423,3 +449,12 @@ def _threshold(
             probs[c + 1] = restrict(p.numpy())
         del p
     return raw
+
+
+def _label_counts(labels: np.ndarray, chunk: int = 1 << 23) -> np.ndarray:
+    """Voxels per value of a uint8 map, in chunks (``bincount`` widens its input to 8 bytes/voxel)."""
+    counts = np.zeros(256, dtype=np.int64)
+    flat = labels.reshape(-1)
+    for start in range(0, flat.size, chunk):
+        counts += np.bincount(flat[start:start + chunk], minlength=256)
+    return counts

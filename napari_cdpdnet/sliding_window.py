@@ -157,14 +157,14 @@ class WindowPlan:
             return (slice(0, 0),) * 3  # type: ignore[return-value]
         s = np.asarray(self.starts)
         return tuple(slice(int(lo), int(hi) + r)  # type: ignore[return-value]
-                     for lo, hi, r in zip(s.min(axis=0), s.max(axis=0), self.roi_size))
+                     for lo, hi, r in zip(s.min(axis=0), s.max(axis=0), self.roi_size, strict=True))
 
     @property
     def region(self) -> Box:
         """The part of the unpadded image covered by the windows that run."""
         return tuple(  # type: ignore[return-value]
             slice(max(r.start - p, 0), min(r.stop - p, n))
-            for r, p, n in zip(self.padded_region, self.pad_before, self.image_shape))
+            for r, p, n in zip(self.padded_region, self.pad_before, self.image_shape, strict=True))
 
 
 def plan_windows(
@@ -194,14 +194,14 @@ def plan_windows(
         raise InputError(f"sliding window: expected a non-empty 3-D image shape, got {shape}")
     if not 0.0 <= float(overlap) < 1.0:
         raise InputError(f"overlap {overlap!r}: must be at least 0 and below 1 (official 0.5)")
-    pad_before = tuple(max(r - n, 0) // 2 for n, r in zip(shape, roi))
-    padded = tuple(max(n, r) for n, r in zip(shape, roi))
-    axes = [window_starts(n, r, overlap) for n, r in zip(padded, roi)]
+    pad_before = tuple(max(r - n, 0) // 2 for n, r in zip(shape, roi, strict=True))
+    padded = tuple(max(n, r) for n, r in zip(shape, roi, strict=True))
+    axes = [window_starts(n, r, overlap) for n, r in zip(padded, roi, strict=True)]
     starts = [(a, b, c) for a in axes[0] for b in axes[1] for c in axes[2]]
     total = len(starts)
     if box is not None:
-        lo = [b.start + p for b, p in zip(box, pad_before)]
-        hi = [b.stop + p for b, p in zip(box, pad_before)]
+        lo = [b.start + p for b, p in zip(box, pad_before, strict=True)]
+        hi = [b.stop + p for b, p in zip(box, pad_before, strict=True)]
         starts = [s for s in starts
                   if all(s[k] < hi[k] and s[k] + roi[k] > lo[k] for k in range(3))]
     if skip_air:
@@ -214,7 +214,8 @@ def plan_windows(
 def _window_max(image: np.ndarray, start: Sequence[int], pad_before: Sequence[int],
                 roi: Sequence[int]) -> float:
     """Largest value inside a window (padding is 0, which never exceeds the air level)."""
-    sl = tuple(slice(max(s - p, 0), max(s - p + r, 0)) for s, p, r in zip(start, pad_before, roi))
+    sl = tuple(slice(max(s - p, 0), max(s - p + r, 0))
+               for s, p, r in zip(start, pad_before, roi, strict=True))
     part = image[sl]
     return float(part.max()) if part.size else 0.0
 
@@ -319,7 +320,7 @@ def sliding_window(
 
     if plan.padded_shape != plan.image_shape:
         pads: list[int] = []
-        for n, r, b in reversed(list(zip(plan.image_shape, roi, plan.pad_before))):
+        for n, r, b in reversed(list(zip(plan.image_shape, roi, plan.pad_before, strict=True))):
             diff = max(r - n, 0)
             pads += [b, diff - b]
         img = torch.nn.functional.pad(img[None, None], pads, mode="constant", value=0.0)[0, 0]
@@ -329,7 +330,6 @@ def sliding_window(
     out = torch.zeros((len(chans), *region_shape), dtype=torch.float32)
     count = torch.zeros(region_shape, dtype=torch.float32)
     weight = importance_map(roi, sigma_scale)
-    index = torch.as_tensor(chans, device=device)
     use_autocast = bool(autocast) and device.type == "cuda"
     if autocast and not use_autocast:
         logger.warning("autocast requested on %s: ignored (only used on CUDA)", device)
@@ -348,7 +348,8 @@ def sliding_window(
         with torch.inference_mode(), ctx:
             y = predictor(x, task)
         _check_logits(y, len(batch), roi, chans)
-        y = y.index_select(1, index).to(device="cpu", dtype=torch.float32)
+        # stacking channel views copies only what is needed, whatever the output's strides
+        y = torch.stack([y[:, c] for c in chans], 1).to(device="cpu", dtype=torch.float32)
         for i, s in enumerate(batch):
             sl = tuple(slice(s[k] - region[k].start, s[k] - region[k].start + roi[k]) for k in range(3))
             out[(slice(None), *sl)] += weight * y[i]
@@ -363,7 +364,7 @@ def sliding_window(
         out[:, ~covered] = fill
     del count, covered
     crop = tuple(slice(r.start - (rp.start - p), r.stop - (rp.start - p))
-                 for r, rp, p in zip(plan.region, region, plan.pad_before))
+                 for r, rp, p in zip(plan.region, region, plan.pad_before, strict=True))
     logits = out[(slice(None), *crop)]
     if logits.shape != out.shape:
         logits = logits.contiguous()

@@ -89,11 +89,6 @@ class Preprocessed:
         """Shape ``(X, Y, Z)`` of the cropped model-space array."""
         return tuple(int(s) for s in self.image.shape)  # type: ignore[return-value]
 
-    @property
-    def crop_slices(self) -> IndexBox:
-        """Where ``image`` sits in the uncropped 1.5 mm grid."""
-        return tuple(slice(s, s + n) for s, n in zip(self.crop_start, self.shape))  # type: ignore[return-value]
-
     def source_to_resampled(self) -> np.ndarray:
         """4×4 map from source ``[z, y, x]`` indices to (uncropped) model-grid ``(X, Y, Z)`` indices."""
         return np.linalg.solve(self.resampled_affine, self.source.affine_ras()) @ _ZYX_TO_XYZ
@@ -304,8 +299,8 @@ def _padded_crop(values: np.ndarray, pre: Preprocessed) -> tuple[np.ndarray, np.
         raise InputError(f"model-space array has shape {values.shape}, expected {pre.shape}")
     before = [1 if s > 0 else 0 for s in pre.crop_start]
     after = [1 if s + n < full else 0
-             for s, n, full in zip(pre.crop_start, pre.shape, pre.resampled_shape)]
-    padded = np.pad(values, list(zip(before, after)))
+             for s, n, full in zip(pre.crop_start, pre.shape, pre.resampled_shape, strict=True)]
+    padded = np.pad(values, list(zip(before, after, strict=True)))
     shift = np.asarray(pre.crop_start) - np.asarray(before)
     return padded, shift
 
@@ -366,4 +361,5 @@ def box_to_preprocessed(box_lps_mm: Sequence[Sequence[float]], pre: Preprocessed
             "(the part of the image above −175 HU); check the corners' coordinates and sign "
             "convention (LPS: x to the patient's left, y posterior, z superior)"
         )
-    return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))  # type: ignore[return-value]
+    box = tuple(slice(int(a), int(b)) for a, b in zip(start, stop, strict=True))
+    return box  # type: ignore[return-value]

@@ -146,7 +146,7 @@ def test_roi_runs_only_covering_windows_and_keeps_their_values() -> None:
     assert part.region == (slice(0, 96), slice(48, 150), slice(0, 100))
     assert part.logits.shape == (2, 96, 102, 100)
     # inside the ROI every covering window ran, so values equal the full run bit for bit
-    local = tuple(slice(b.start - r.start, b.stop - r.start) for b, r in zip(box, part.region))
+    local = tuple(slice(b.start - r.start, b.stop - r.start) for b, r in zip(box, part.region, strict=True))
     assert torch.equal(part.logits[(slice(None), *local)], full.logits[(slice(None), *box)])
 
 
