@@ -8,7 +8,9 @@ own. Two kinds of scenario:
   predictor built by ``--predictor module:factory`` (``factory(device) -> predictor(x, task_id)``).
   Pass the real CDPDNet predictor factory to measure the full-size model; the default,
   ``cheap``, is a stand-in whose cost is ~nothing, so the numbers then show the engine's own
-  overhead (pre/post-processing, blending, inverse) and its memory.
+  overhead (pre/post-processing, blending, inverse) and its memory. The Dice between the
+  ``fast`` and ``exact`` label maps per structure is printed: with the real model that is the
+  accuracy price of ``fast``.
 * ``large``: a synthetic 512×512×600 CT (0.7×0.7×1.0 mm, int16) through preprocessing, sliding
   window, post-processing and inverse with the cheap predictor, requesting all 32 structures (the
   worst case for the blending buffers) and one structure — the memory budget check (≤ ~12 GB).
@@ -111,6 +113,10 @@ def child(args: argparse.Namespace) -> dict:
     predictor = load_factory(args.predictor)(resolve_device(args.device))
     baseline = rss_mb()
     result = segment_array(array, geometry, [(args.task, args.channels)], predictor, settings)
+    if args.save:
+        import numpy as np
+
+        np.save(args.save, result.labels)
     return {
         "input": "synthetic 512×512×600" if args.input == "large" else Path(args.input).name,
         "shape": list(geometry.shape),
@@ -129,10 +135,11 @@ def child(args: argparse.Namespace) -> dict:
     }
 
 
-def run_child(input_: str, preset: str, channels: list[int], args: argparse.Namespace) -> dict:
+def run_child(input_: str, preset: str, channels: list[int], args: argparse.Namespace,
+              save: str = "") -> dict:
     cmd = [sys.executable, __file__, "--child", "--input", input_, "--preset", preset,
            "--predictor", args.predictor, "--device", args.device, "--task", str(args.task),
-           "--channels", ",".join(map(str, channels))]
+           "--channels", ",".join(map(str, channels)), "--save", save]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
@@ -164,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
     parser.add_argument("--preset", default="exact", help=argparse.SUPPRESS)
+    parser.add_argument("--save", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.channels = [int(c) for c in str(args.channels).split(",") if c != ""]
 
@@ -176,8 +184,21 @@ def main(argv: list[str] | None = None) -> int:
         ct = shared_dir() / "data" / "totalsegmentator" / "example_ct.nii.gz"
         if not ct.exists():
             raise SystemExit(f"{ct} not found: set CDPDNET_SHARED_DIR")
-        for preset in ("exact", "fast"):
-            report(run_child(str(ct), preset, args.channels, args))
+        import tempfile
+
+        import numpy as np
+
+        with tempfile.TemporaryDirectory() as tmp:
+            labels = {}
+            for preset in ("exact", "fast"):
+                path = str(Path(tmp) / f"{preset}.npy")
+                report(run_child(str(ct), preset, args.channels, args, save=path))
+                labels[preset] = np.load(path)
+        for s in sorted((set(np.unique(labels["exact"])) | set(np.unique(labels["fast"]))) - {0}):
+            a, b = labels["exact"] == s, labels["fast"] == s
+            dice = 2.0 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+            print(f"  structure {s:>2}: Dice(fast, exact) = {dice:.4f}  "
+                  f"({a.sum()} vs {b.sum()} voxels)")
     if args.scenario in ("large", "all"):
         saved = args.predictor
         args.predictor = "cheap"
