@@ -302,6 +302,9 @@ def segment_array(
     settings = settings or SegmentationSettings()
     plan_passes = _check_passes(passes)
     device = resolve_device(settings.device)
+    if getattr(predictor, "training", False):
+        logger.warning("the predictor is in training mode (BatchNorm uses batch statistics): "
+                       "call .eval() on the model for reproducible results")
     if not settings.is_official:
         logger.info("settings deviate from the official pipeline (preset %s, overlap %.2f, "
                     "skip_air %s, autocast %s)", settings.preset, settings.effective_overlap,

@@ -304,3 +304,11 @@ def test_engine_modules_import_without_heavy_dependencies() -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_model_in_training_mode_is_flagged(caplog) -> None:
+    geometry = Geometry.identity((10, 10, 10), (1.5, 1.5, 1.5))
+    model = TinyModel().train()
+    with caplog.at_level("WARNING", logger="napari_cdpdnet.pipeline"):
+        segment_array(np.zeros(geometry.shape, np.int16), geometry, [(0, [5])], model, CPU)
+    assert "training mode" in caplog.text
