@@ -169,8 +169,8 @@ def _foreground_box(image: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]
 
 
 # --------------------------------------------------------------------------- resampling kernels
-def _linear(volume: np.ndarray, matrix: np.ndarray, offset: np.ndarray, out_shape: Sequence[int],
-            out: np.ndarray | None = None) -> np.ndarray:
+def _linear(volume: np.ndarray, matrix: np.ndarray, offset: np.ndarray,
+            out_shape: Sequence[int]) -> np.ndarray:
     """Trilinear sampling ``out[o] = volume(matrix @ o + offset)``, edge values beyond the border.
 
     Matches ``grid_sample(bilinear, padding_mode="border", align_corners=False)`` on voxel-centre
@@ -178,15 +178,14 @@ def _linear(volume: np.ndarray, matrix: np.ndarray, offset: np.ndarray, out_shap
     """
     from scipy import ndimage
 
-    if out is None:
-        out = np.empty(tuple(out_shape), dtype=np.float32)
+    out = np.empty(tuple(out_shape), dtype=np.float32)
     ndimage.affine_transform(volume, matrix, offset, output_shape=tuple(out_shape), output=out,
                              order=1, mode="nearest", prefilter=False)
     return out
 
 
 def _axis_permutation(matrix: np.ndarray) -> np.ndarray | None:
-    """For a matrix with one non-zero per row and column, the input axis each output axis reads."""
+    """For a matrix with one non-zero per row and column: the output axis driving each input axis."""
     nz = np.abs(matrix) > 1e-9 * np.abs(matrix).max()
     if np.all(nz.sum(axis=0) == 1) and np.all(nz.sum(axis=1) == 1):
         return np.argmax(nz, axis=1)
