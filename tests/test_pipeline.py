@@ -134,37 +134,18 @@ def test_roi_limits_windows_and_labels(shared_path) -> None:
 # --------------------------------------------------------------------------- exactness
 def official_reference(array: np.ndarray, geometry: Geometry, model, task: int, structures) -> np.ndarray:
     """The official chain built from MONAI pieces: transforms, sliding window, sigmoid > 0.5, Invertd."""
-    from monai.data import MetaTensor
     from monai.inferers import sliding_window_inference
-    from monai.transforms import (
-        Compose,
-        CropForegroundd,
-        Invertd,
-        Orientationd,
-        ScaleIntensityRanged,
-        Spacingd,
-    )
+    from test_transforms import monai_forward, monai_image, monai_invert
 
-    fwd = Compose([
-        Orientationd("image", axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        Spacingd("image", pixdim=(1.5, 1.5, 1.5), mode="bilinear"),
-        ScaleIntensityRanged("image", a_min=-175, a_max=250, b_min=0.0, b_max=1.0, clip=True),
-        CropForegroundd("image", source_key="image"),
-    ])
-    xyz = np.ascontiguousarray(array.transpose(2, 1, 0))[None].astype(np.float32)
-    d = fwd({"image": MetaTensor(torch.from_numpy(xyz), affine=torch.as_tensor(geometry.affine_ras()))})
+    image = monai_forward()({"image": monai_image(array, geometry)})["image"]
     with torch.no_grad():
         logits = sliding_window_inference(
-            d["image"][None].as_tensor(), (96, 96, 96), 2,
+            image[None].as_tensor(), (96, 96, 96), 2,
             lambda x: model(x, torch.full((x.shape[0],), task, dtype=torch.int64)),
             overlap=0.5, mode="gaussian", roi_weight_map=importance_map())[0]
     raw = {c + 1: (torch.sigmoid(logits[c]) > 0.5).numpy() for c in range(32)}
     merged = merge_labels(postprocess(raw, structures))
-    pred = MetaTensor(torch.from_numpy(merged[None].astype(np.float32)), affine=d["image"].affine)
-    pred.applied_operations = d["image"].applied_operations
-    d["pred"] = pred
-    out = Invertd(keys="pred", transform=fwd, orig_keys="image", nearest_interp=True)(d)["pred"]
-    return out[0].numpy().transpose(2, 1, 0).astype(np.uint8)
+    return monai_invert(array, geometry, merged, nearest=True).astype(np.uint8)
 
 
 def test_exact_mode_equals_the_official_chain() -> None:

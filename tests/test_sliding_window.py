@@ -101,8 +101,7 @@ def test_window_starts_match_monai(size: int, overlap: float) -> None:
         assert ref == [0, 48, 96, 144, 154]  # SPEC §11 example
 
 
-@pytest.mark.parametrize("shape", [(150, 97, 96), (110, 70, 96)])
-@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize(("shape", "batch"), [((150, 97, 96), 3), ((110, 70, 96), 1)])
 def test_equals_monai_sliding_window_on_selected_channels(shape, batch) -> None:
     image = np.random.default_rng(0).random(shape, dtype=np.float32)
     channels = [5, 0, 31, 10]
