@@ -102,7 +102,6 @@ class Structure:
         group: "organ", "vessel" or "tumour" (tumours and cysts).
         color: (r, g, b) 0..255.
         snomed: DICOM-SEG coding.
-        companions: indices of other structures SPEC §12 post-processing reads.
     """
 
     index: int
@@ -117,7 +116,6 @@ class Structure:
     color: tuple[int, int, int]
     color_source: str
     snomed: SegmentCoding
-    companions: tuple[int, ...]
     notes: str
 
     @property
@@ -226,7 +224,6 @@ def _load_structures() -> tuple[tuple[Structure, ...], str]:
                     region_modifier=_code(sn["region_modifier"], f"{where} region modifier"),
                     source=sn["source"],
                 ),
-                companions=tuple(int(i) for i in raw["postprocess_companions"]),
                 notes=raw["notes"],
             )
         )
@@ -235,9 +232,6 @@ def _load_structures() -> tuple[tuple[Structure, ...], str]:
     keys = [s.key for s in out]
     if len(set(keys)) != len(keys):
         raise RuntimeError("structures.json: duplicate keys")
-    for s in out:
-        if any(not 1 <= c <= 32 or c == s.index for c in s.companions):
-            raise RuntimeError(f"structures.json: {s.key} has bad post-processing companions")
     return tuple(out), str(data["prompt_template"])
 
 
@@ -359,13 +353,12 @@ def required_channels(items: Iterable[Structure | int | str]) -> set[int]:
     SPEC §12 post-processing reads companion channels: a kidney tumour is kept only inside the
     kidneys, a liver tumour inside the liver, the lungs are split from the union of both lung
     channels, and the portal/splenic vein is cut below the pancreas. The result includes the
-    requested channels themselves.
+    requested channels themselves. The rules live with their implementation in
+    :mod:`napari_cdpdnet.postprocess`.
     """
-    out: set[int] = set()
-    for s in structures(items):
-        out.add(s.channel)
-        out.update(i - 1 for i in s.companions)
-    return out
+    from napari_cdpdnet.postprocess import channels_needed
+
+    return set(channels_needed(s.index for s in structures(items)))
 
 
 class Pass(NamedTuple):
