@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from napari_cdpdnet import __version__
 from napari_cdpdnet.errors import InputError
 from napari_cdpdnet.geometry import Geometry
 
-__all__ = ["SegmentSpec", "ReadSegment", "write_dicom_seg", "read_dicom_seg", "Code3"]
+__all__ = ["SegmentSpec", "ReadSegment", "segment_specs", "write_dicom_seg", "read_dicom_seg", "Code3"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,31 @@ class SegmentSpec:
     modifier_code: Code3 | None = None
     color: tuple[int, int, int] | None = None
     algorithm_type: str = "AUTOMATIC"  # SEMIAUTOMATIC once a user edited the mask
+
+
+def segment_specs(indices: Iterable[int], *, edited: Iterable[int] = ()) -> list[SegmentSpec]:
+    """Segment descriptions of CDPDNet structures (by index 1..32) from the vocabulary's codes.
+
+    Structures a user edited are declared SEMIAUTOMATIC, the others AUTOMATIC.
+    """
+    from napari_cdpdnet.vocabulary import structure
+
+    edited = {int(i) for i in edited}
+    out = []
+    for i in indices:
+        s = structure(int(i))
+        out.append(
+            SegmentSpec(
+                value=s.index,
+                label=s.name,
+                type_code=tuple(s.snomed.type),
+                category_code=tuple(s.snomed.category),
+                modifier_code=None if s.snomed.type_modifier is None else tuple(s.snomed.type_modifier),
+                color=tuple(s.color),
+                algorithm_type="SEMIAUTOMATIC" if s.index in edited else "AUTOMATIC",
+            )
+        )
+    return out
 
 
 def _code(c: Code3):

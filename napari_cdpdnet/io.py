@@ -54,6 +54,7 @@ __all__ = [
     "read_image_or_labels",
     "looks_like_label_map",
     "write_label_map",
+    "write_image",
 ]
 
 logger = logging.getLogger(__name__)
@@ -600,13 +601,45 @@ def write_label_map(
     image = geometry.to_sitk(labels)
     if suffix == ".seg.nrrd":
         _slicer_segment_metadata(image, labels, label_names)
+    _write_sitk(image, path, overwrite)
+    logger.info("wrote label map %s (%s, max label %d)", path, labels.dtype, int(labels.max(initial=0)))
+    return path
+
+
+def _write_sitk(image: sitk.Image, path: Path, overwrite: bool) -> None:
+    """Atomic, compressed SimpleITK write; errors become InputError naming the file."""
+    import SimpleITK as sitk
+
     try:
-        if suffix == ".mhd":
+        if full_suffix(path) == ".mhd":
             _write_mhd(image, path, overwrite)
         else:
             with atomic_output(path, overwrite=overwrite) as tmp:
                 sitk.WriteImage(image, str(tmp), True)
     except RuntimeError as exc:
         raise InputError(f"cannot write {path}: {_sitk_reason(exc)}") from exc
-    logger.info("wrote label map %s (%s, max label %d)", path, labels.dtype, int(labels.max(initial=0)))
+
+
+def write_image(
+    path: str | os.PathLike[str],
+    array: np.ndarray,
+    geometry: Geometry,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write a scalar volume (e.g. a float32 probability map) on ``geometry``'s grid.
+
+    Same formats, atomicity and overwrite rule as :func:`write_label_map`, without the
+    integer conversion.
+    """
+    path = Path(path).expanduser()
+    suffix = full_suffix(path)
+    if suffix not in LABEL_MAP_SUFFIXES or suffix == ".seg.nrrd":
+        raise InputError(f"{path}: cannot write images as {suffix or '(no suffix)'!r}; use .nii.gz, .nrrd or .mha")
+    check_writable(path, overwrite=overwrite)
+    array = np.asarray(array)
+    if array.shape != geometry.shape:
+        raise InputError(f"{path}: array of shape {array.shape} does not match the grid {geometry.shape}")
+    _write_sitk(geometry.to_sitk(array), path, overwrite)
+    logger.info("wrote image %s (%s)", path, array.dtype)
     return path

@@ -1,0 +1,225 @@
+"""One object the CLI and the napari widget share: names in, label map and label table out.
+
+:class:`Segmenter` turns what a user typed into structures (resolver), the structures into a plan
+of task-prompt passes (vocabulary), finds and loads the weights once (weights, model), and runs
+the array-level engine (pipeline). It holds the loaded model between runs, so a second request in
+the viewer costs only the inference.
+
+CDPDNet's text conditioning is fixed: every run computes the same 32 outputs whatever is typed;
+the request only selects which outputs are kept and which of the 11 task prompts runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from napari_cdpdnet.errors import InputError, WeightsError
+from napari_cdpdnet.geometry import Geometry
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from napari_cdpdnet.labeltable import LabelRow
+    from napari_cdpdnet.pipeline import ProgressEvent, SegmentationResult, SegmentationSettings
+    from napari_cdpdnet.resolver import ClipScorer, Resolution
+    from napari_cdpdnet.vocabulary import SegmentationPlan, Structure
+    from napari_cdpdnet.weights import WeightFiles
+
+__all__ = ["Segmenter", "SegmentationOutput", "parse_request"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SegmentationOutput:
+    """Everything one run produced: the label map (in ``result``), how the request was read,
+    the plan that ran and the label table."""
+
+    result: SegmentationResult
+    resolutions: list[Resolution]
+    plan: SegmentationPlan
+    table: list[LabelRow]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.result.labels
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.result.geometry
+
+
+def parse_request(
+    request: str | Sequence[str | int] | Iterable[Structure],
+    *,
+    clip_scorer: ClipScorer | None = None,
+) -> tuple[list[Structure], list[Resolution]]:
+    """Structures for a request given as text ("liver, left kidney"), names, keys or indices.
+
+    Raises:
+        VocabularyError: naming every phrase that is not one of the 32 structures, with
+            suggestions, before any computation.
+    """
+    from napari_cdpdnet.resolver import resolve_many
+    from napari_cdpdnet.vocabulary import Structure, structure
+
+    items = [request] if isinstance(request, str) else list(request)
+    direct = [i for i in items if isinstance(i, (int, Structure))]
+    texts = [str(i) for i in items if not isinstance(i, (int, Structure))]
+    structures: list[Structure] = [i if isinstance(i, Structure) else structure(i) for i in direct]
+    resolutions = resolve_many(texts, clip_scorer=clip_scorer) if texts else []
+    for r in resolutions:
+        if r.structure not in structures:
+            structures.append(r.structure)
+    if not structures:
+        raise InputError("no structures requested: name at least one, e.g. 'liver'")
+    return structures, resolutions
+
+
+class Segmenter:
+    """Loads CDPDNet once and segments CT arrays on request.
+
+    Args:
+        checkpoint: official ``cdpdnet.pth`` (or a folder holding it); default: found by
+            :func:`napari_cdpdnet.weights.resolve_weights` (weights folder, cache, download).
+        dino: DINOv2-base weights file or folder; same default.
+        allow_download: False never touches the network (air-gapped sites, tests).
+        download_progress: ``progress(done_bytes, total_bytes, filename)`` while downloading.
+        legacy_pos_interp: the pre-4.45 transformers DINOv2 position interpolation (SPEC §3).
+        module: an already built model (``module(x, task_id) -> logits``); skips weights.
+    """
+
+    def __init__(
+        self,
+        *,
+        checkpoint: str | Path | None = None,
+        dino: str | Path | None = None,
+        allow_download: bool = True,
+        download_progress: Callable[[int, int | None, str], None] | None = None,
+        legacy_pos_interp: bool = False,
+        module: torch.nn.Module | None = None,
+    ) -> None:
+        self.checkpoint = checkpoint
+        self.dino = dino
+        self.allow_download = allow_download
+        self.download_progress = download_progress
+        self.legacy_pos_interp = legacy_pos_interp
+        self._module = module
+        self._device_modules: dict[str, Any] = {}
+        self._weights: WeightFiles | None = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ weights and model
+    def weights(self) -> WeightFiles:
+        """The weight files (found, downloaded if allowed, and checked) — once per Segmenter."""
+        from napari_cdpdnet.weights import resolve_weights
+
+        if self._weights is None:
+            self._weights = resolve_weights(
+                checkpoint=self.checkpoint,
+                dino=self.dino,
+                allow_download=self.allow_download,
+                progress=self.download_progress,
+            )
+        return self._weights
+
+    def is_loaded(self) -> bool:
+        """True when a model is in memory (the next run starts inference at once)."""
+        return self._module is not None
+
+    def model(self, device: torch.device | str = "cpu") -> torch.nn.Module:
+        """The model on ``device`` in eval mode, loading the weights on first use."""
+        import torch
+
+        device = torch.device(device)
+        with self._lock:
+            if self._module is None:
+                self._module = self._load_official()
+            key = str(device)
+            if key not in self._device_modules:
+                self._device_modules = {key: self._module.to(device).eval()}
+            return self._device_modules[key]
+
+    def _load_official(self) -> torch.nn.Module:
+        from napari_cdpdnet.model import build_from_official, load_dino_state_dict, load_official_checkpoint
+
+        files = self.weights()
+        t0 = time.perf_counter()
+        sd = load_official_checkpoint(files.checkpoint)
+        dino_sd = load_dino_state_dict(files.dino_weights)
+        try:
+            module = build_from_official(sd, dino_sd, legacy_pos_interp=self.legacy_pos_interp)
+        except WeightsError:
+            raise
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise WeightsError(
+                f"the weights in {files.checkpoint} and {files.dino_weights} do not build a CDPDNet "
+                f"model: {exc}"
+            ) from exc
+        logger.info("model loaded in %.1f s (%s)", time.perf_counter() - t0, files.sources)
+        return module
+
+    # ------------------------------------------------------------------ requests
+    def plan(
+        self,
+        request: str | Sequence[str | int] | Iterable[Structure],
+        *,
+        clip_scorer: ClipScorer | None = None,
+        force_task: int | None = None,
+    ) -> tuple[list[Structure], list[Resolution], SegmentationPlan]:
+        """Read a request and plan its passes, without loading or computing anything."""
+        from napari_cdpdnet.vocabulary import plan_passes
+
+        structures, resolutions = parse_request(request, clip_scorer=clip_scorer)
+        return structures, resolutions, plan_passes(structures, force_task=force_task)
+
+    def segment(
+        self,
+        array: np.ndarray,
+        geometry: Geometry,
+        request: str | Sequence[str | int] | Iterable[Structure],
+        settings: SegmentationSettings | None = None,
+        *,
+        progress: Callable[[ProgressEvent], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        clip_scorer: ClipScorer | None = None,
+        force_task: int | None = None,
+    ) -> SegmentationOutput:
+        """Segment ``request`` in a CT (``[z, y, x]`` HU on ``geometry``).
+
+        The request is checked before weights are loaded or anything is computed. Cancelling
+        (``should_stop()`` returning True) raises :class:`~napari_cdpdnet.errors.Cancelled`
+        within one window; nothing is written here in any case.
+        """
+        from napari_cdpdnet.labeltable import build_label_table
+        from napari_cdpdnet.pipeline import SegmentationSettings, resolve_device, segment_array
+
+        t0 = time.perf_counter()
+        settings = settings or SegmentationSettings()
+        structures, resolutions, plan = self.plan(request, clip_scorer=clip_scorer, force_task=force_task)
+        device = resolve_device(settings.device)
+        model = self.model(device)
+        passes = [(p.task.id, sorted(s.channel for s in p.structures)) for p in plan.passes]
+        result = segment_array(
+            array, geometry, passes, model, settings, progress=progress, should_stop=should_stop
+        )
+        requested = [s.index for s in structures]
+        table = build_label_table(result.labels, geometry, array, values=requested)
+        notes = [
+            f"{s.name}: not found in this scan (empty after post-processing)"
+            for s in structures
+            if result.structures.get(s.index, 0) == 0
+        ]
+        for n in notes:
+            logger.warning(n)
+        return SegmentationOutput(result, resolutions, plan, table, time.perf_counter() - t0, notes)
