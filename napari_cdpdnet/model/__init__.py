@@ -1,0 +1,40 @@
+"""The CDPDNet model: architecture, official-weight loading and builders.
+
+Importing this package imports torch (``import napari_cdpdnet`` alone does not); transformers is
+imported when a model is built.
+
+Typical use::
+
+    from napari_cdpdnet.model import build_from_official, load_dino_state_dict, load_official_checkpoint
+
+    model = build_from_official(load_official_checkpoint("cdpdnet.pth"),
+                                load_dino_state_dict("dinov2-base/model.safetensors"))
+    logits = model(patch, torch.tensor([task_id]))   # [B, 32, 96, 96, 96]
+"""
+
+from __future__ import annotations
+
+from napari_cdpdnet.model.cdpdnet import PATCH_SIZE, CDPDNet, CDPDNetModel, build_model
+from napari_cdpdnet.model.config import CDPDNetConfig
+from napari_cdpdnet.model.convert import (
+    build_from_official,
+    infer_config,
+    load_dino_state_dict,
+    load_official_checkpoint,
+    normalise_dino_keys,
+    official_state_dicts,
+)
+
+__all__ = [
+    "PATCH_SIZE",
+    "CDPDNet",
+    "CDPDNetConfig",
+    "CDPDNetModel",
+    "build_from_official",
+    "build_model",
+    "infer_config",
+    "load_dino_state_dict",
+    "load_official_checkpoint",
+    "normalise_dino_keys",
+    "official_state_dicts",
+]
