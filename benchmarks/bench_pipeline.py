@@ -6,7 +6,8 @@ own. Two kinds of scenario:
 
 * ``real``: ``example_ct.nii.gz`` from the shared data, preset ``exact`` and ``fast``, with the
   predictor built by ``--predictor module:factory`` (``factory(device) -> predictor(x, task_id)``).
-  Pass the real CDPDNet predictor factory to measure the full-size model; the default,
+  ``--predictor full`` measures the full-size CDPDNet (random weights; time and memory do not
+  depend on the weight values, the Dice between presets does); the default,
   ``cheap``, is a stand-in whose cost is ~nothing, so the numbers then show the engine's own
   overhead (pre/post-processing, blending, inverse) and its memory. The Dice between the
   ``fast`` and ``exact`` label maps per structure is printed: with the real model that is the
@@ -18,7 +19,7 @@ own. Two kinds of scenario:
 Examples::
 
     python benchmarks/bench_pipeline.py                      # both scenarios, cheap predictor
-    python benchmarks/bench_pipeline.py --scenario real --predictor mypkg.model:make_predictor
+    python benchmarks/bench_pipeline.py --scenario real --predictor full --threads 2
     python benchmarks/bench_pipeline.py --scenario large --threads 2
 """
 
@@ -57,9 +58,19 @@ def cheap_factory(device):
     return predictor
 
 
+def full_factory(device):
+    """The full-size CDPDNet with random weights (seed 0): the official weights cannot be had
+    everywhere, and the cost of a window does not depend on the weight values."""
+    from napari_cdpdnet.model import CDPDNetConfig, build_model
+
+    return build_model(CDPDNetConfig(), seed=0).to(device).eval()
+
+
 def load_factory(spec: str):
     if spec == "cheap":
         return cheap_factory
+    if spec == "full":
+        return full_factory
     module, _, name = spec.partition(":")
     if not name:
         raise SystemExit(f"--predictor {spec!r}: expected module:function or 'cheap'")
@@ -163,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", choices=["real", "large", "all"], default="all")
     parser.add_argument("--predictor", default="cheap",
-                        help="module:factory returning predictor(x, task_id); 'cheap' = stand-in")
+                        help="module:factory returning predictor(x, task_id); 'cheap' = stand-in, 'full' = full-size CDPDNet (random weights)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--task", type=int, default=0, help="task prompt id (0 = BTCV)")
