@@ -16,7 +16,11 @@ from model_support import synthetic_state_dict, write_official_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared]
 
-TOLERANCE = 1e-4
+#: Float32 round-off, not a fudge: the official reference itself is 1.9e-4 away from the same
+#: network evaluated in float64 (logits up to ~5), and CPU kernels differ between machines (AVX2 /
+#: AVX-512, thread splits). Measured here: 0 on one machine, 1.4e-4..1.6e-4 on an AVX-512 one,
+#: where our float32 result is 5.9e-5 from float64. Port bugs give differences of 1e-2 and more.
+TOLERANCE = 3e-4
 
 
 @pytest.fixture(scope="module")
