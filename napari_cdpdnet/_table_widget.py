@@ -223,7 +223,7 @@ class StructureTableWidget(QWidget):
 
     def _find(self, name: str, kind: str) -> Any:
         for layer in self.viewer.layers:
-            if layer.name == name and layer._type_string == kind:
+            if layer.name == name and _is(layer, kind):
                 return layer
         return None
 
@@ -233,7 +233,7 @@ class StructureTableWidget(QWidget):
             layer.events.name.disconnect(self._layers_changed)
             layer.events.name.connect(self._layers_changed)
         current = self.labels_combo.currentText()
-        labels = [ly.name for ly in self.viewer.layers if ly._type_string == "labels"]
+        labels = [ly.name for ly in self.viewer.layers if _is(ly, "labels")]
         with _blocked(self.labels_combo):
             self.labels_combo.clear()
             self.labels_combo.addItems(labels)
@@ -246,7 +246,7 @@ class StructureTableWidget(QWidget):
     def _fill_images(self) -> None:
         layer = self.labels_layer()
         current = self.image_combo.currentText()
-        images = [ly for ly in self.viewer.layers if ly._type_string == "image"]
+        images = [ly for ly in self.viewer.layers if _is(ly, "image")]
         names = [_NO_IMAGE] + [ly.name for ly in images]
         choice = current if current in names and current != _NO_IMAGE else None
         if layer is not None and choice is None:
@@ -282,8 +282,16 @@ class StructureTableWidget(QWidget):
 
     # ------------------------------------------------------------------ edits
     @staticmethod
-    def _history(layer: Labels) -> tuple[int, int]:
-        return len(getattr(layer, "_undo_history", ())), len(getattr(layer, "_redo_history", ()))
+    def _history(layer: Labels) -> tuple[int, int] | None:
+        """Lengths of napari's undo/redo queues, or None where this napari has none to read.
+
+        The viewer hands plugins a proxy that warns on private attributes; the wrapped layer
+        is read directly (``__wrapped__`` is public wrapt API)."""
+        raw = getattr(layer, "__wrapped__", layer)
+        undo, redo = getattr(raw, "_undo_history", None), getattr(raw, "_redo_history", None)
+        if undo is None or redo is None:
+            return None
+        return len(undo), len(redo)
 
     def _painted(self, event: Any) -> None:
         """A finished stroke, fill or data_setitem: remember which labels a person changed."""
@@ -302,7 +310,7 @@ class StructureTableWidget(QWidget):
         if layer is None:
             return
         state = self._history(layer)
-        if state != self._history_state:
+        if state is None or state != self._history_state:  # unknown: re-measure to be safe
             self._history_state = state
             self.schedule_refresh()
 
@@ -553,6 +561,13 @@ class StructureTableWidget(QWidget):
             message = f"export failed: {type(exc).__name__}: {exc}"
         self.status.setText(message)
         show_error(message)
+
+
+def _is(layer: Any, kind: str) -> bool:
+    """Is ``layer`` a napari Labels (``kind="labels"``) or Image layer (works through proxies)."""
+    from napari.layers import Image, Labels
+
+    return isinstance(layer, Labels if kind == "labels" else Image)
 
 
 class _blocked:

@@ -225,3 +225,20 @@ def test_choosers_follow_the_layer_list(ct_viewer) -> None:
     widget.wait_idle()
     assert widget.labels_layer() is None and widget.table.rowCount() == 0
     assert "Labels layer" in widget.status.text()
+
+
+def test_docks_from_the_plugin_menu_without_private_access(ct_viewer, qtbot) -> None:
+    """napari gives plugin widgets a proxy viewer that warns on private attributes; none used."""
+    import warnings
+
+    viewer, image, labels = ct_viewer
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Private attribute access", category=FutureWarning)
+        _, widget = viewer.window.add_plugin_dock_widget("napari-cdpdnet", "CDPDNet structures")
+        widget.wait_idle()
+        assert widget.labels_layer().name == labels.name and widget.table.rowCount() > 50
+        n5 = {r.value: r.voxel_count for r in widget.rows}[5]
+        labels.data_setitem((np.array([0]), np.array([0]), np.array([0])), 5)
+        qtbot.waitUntil(lambda: {r.value: r.voxel_count for r in widget.rows}[5] == n5 + 1, timeout=5000)
+        labels.undo()
+        qtbot.waitUntil(lambda: {r.value: r.voxel_count for r in widget.rows}[5] == n5, timeout=5000)
