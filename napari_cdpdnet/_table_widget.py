@@ -328,9 +328,12 @@ class StructureTableWidget(QWidget):
         image_layer = self.image_layer()
         geometry = layer_geometry(layer, image_layer)
         image = None
-        if image_layer is not None and not getattr(image_layer, "multiscale", False):
-            if np.shape(image_layer.data) == labels.shape:
-                image = np.asarray(image_layer.data)
+        if (
+            image_layer is not None
+            and not getattr(image_layer, "multiscale", False)
+            and np.shape(image_layer.data) == labels.shape
+        ):
+            image = np.asarray(image_layer.data)
         meta = layer.metadata or {}
         options = {
             "cdpdnet": "cdpdnet" in meta,

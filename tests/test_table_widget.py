@@ -228,7 +228,8 @@ def test_choosers_follow_the_layer_list(ct_viewer) -> None:
 
 
 def test_docks_from_the_plugin_menu_without_private_access(ct_viewer, qtbot) -> None:
-    """napari gives plugin widgets a proxy viewer that warns on private attributes; none used."""
+    """Docked through the manifest (napari passes a proxy viewer that warns on private
+    attribute access), it measures and follows edits and undo."""
     import warnings
 
     viewer, image, labels = ct_viewer
