@@ -141,11 +141,12 @@ class StructureTableWidget(QWidget):
     Args:
         napari_viewer: the viewer (napari injects it).
         debounce_ms: quiet time after the last edit before re-measuring.
-        thread_voxels: volumes with more voxels are measured in a worker thread.
+        thread_voxels: volumes with more voxels are measured (and exported, from the button) in
+            a worker thread; measuring costs about 0.1 s per million voxels with HU columns.
     """
 
     def __init__(
-        self, napari_viewer: napari.viewer.Viewer, *, debounce_ms: int = 300, thread_voxels: int = 20_000_000
+        self, napari_viewer: napari.viewer.Viewer, *, debounce_ms: int = 300, thread_voxels: int = 2_000_000
     ) -> None:
         super().__init__()
         self.viewer = napari_viewer
@@ -160,6 +161,9 @@ class StructureTableWidget(QWidget):
         self._generation = 0
         self._worker: Any = None
         self._rerun = False
+        self._export_worker: Any = None
+        #: Paths written by the last export (also when a worker wrote them), else None.
+        self.last_export: list[Path] | None = None
 
         self.labels_combo = QComboBox()
         self.image_combo = QComboBox()
@@ -392,14 +396,16 @@ class StructureTableWidget(QWidget):
             self.refresh()
 
     def wait_idle(self, timeout_ms: int = 10_000) -> None:
-        """Block until a pending or running measurement is shown (for tests and scripts)."""
+        """Block until pending or running measurements and exports are done (tests, scripts)."""
         from qtpy.QtCore import QCoreApplication, QElapsedTimer
 
         clock = QElapsedTimer()
         clock.start()
         if self._timer.isActive():
             self.refresh()
-        while (self._worker is not None or self._timer.isActive()) and clock.elapsed() < timeout_ms:
+        while (
+            self._worker is not None or self._export_worker is not None or self._timer.isActive()
+        ) and clock.elapsed() < timeout_ms:
             QCoreApplication.processEvents()
 
     def _show_rows(self, rows: list[LabelRow], error: str | None = None, *, with_hu: bool = True) -> None:
@@ -505,39 +511,71 @@ class StructureTableWidget(QWidget):
 
     def export_to(
         self, path: str | Path, *, dicom_seg: bool | None = None, meshes: bool | None = None,
-        overwrite: bool = False,
+        overwrite: bool = False, background: bool | None = False,
     ) -> list[Path] | None:
         """Export the label map on its CT grid + table (+ DICOM-SEG, + STL) to ``path``.
 
         ``dicom_seg``/``meshes`` default to the checkboxes. Asks through
-        :attr:`confirm_overwrite` before replacing any file. Returns the written paths, or None
-        when nothing was written (declined, or an error shown as a notification).
+        :attr:`confirm_overwrite` before replacing any file. ``background``: write in a worker
+        thread (True), here (False), or in a worker for volumes over ``thread_voxels`` (None,
+        what the button does); a worker exports a copy of the labels taken now.
+
+        Returns:
+            The written paths; None when nothing was written (declined, or an error shown as a
+            notification) or when a worker does the writing (its result lands in
+            :attr:`last_export` and the status line).
         """
-        from napari_cdpdnet.export import describe_labels, export_paths, export_segmentation
+        from napari_cdpdnet.export import (
+            export_paths,
+            export_segmentation,
+            label_key,
+            present_values,
+        )
 
         dicom_seg = self.dicom_seg_check.isChecked() if dicom_seg is None else dicom_seg
         meshes = self.stl_check.isChecked() if meshes is None else meshes
+        self.last_export = None
         try:
             labels, geometry, image, options = self._inputs()
-            rows = describe_labels(labels, geometry, image, **options) if meshes else []
-            paths = export_paths(path, rows, dicom_seg=dicom_seg, meshes=meshes)
+            values = present_values(labels)
+            keys = [label_key(v, cdpdnet=options["cdpdnet"]) for v in values]
+            paths = export_paths(path, keys, dicom_seg=dicom_seg, meshes=meshes)
             flag = self._may_write(paths, overwrite)
             if flag is None:
                 return None
             layer = self.labels_layer()
-            colors = {}
-            for value in np.unique(labels):
-                if value:
-                    colors[int(value)] = _hex(layer.get_color(int(value)))
-            written = export_segmentation(
-                labels, geometry, image, path, dicom_seg=dicom_seg, meshes=meshes, colors=colors,
-                overwrite=flag, **options,
-            )
+            colors = {v: _hex(layer.get_color(v)) for v in values}
+            kwargs = dict(dicom_seg=dicom_seg, meshes=meshes, colors=colors, overwrite=flag, **options)
+            if background is None:
+                background = labels.size > self.thread_voxels
+            if not background:
+                written = export_segmentation(labels, geometry, image, path, **kwargs)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a notification
             self._notify_error(exc)
             return None
-        self.status.setText(f"exported {len(written)} files: {', '.join(p.name for p in written)}")
+        if background:
+            from napari.qt.threading import create_worker
+
+            self.status.setText(f"exporting {Path(path).name}...")
+            self.export_button.setEnabled(False)
+            worker = create_worker(export_segmentation, labels.copy(), geometry, image, path, **kwargs,
+                                   _start_thread=False)
+            worker.returned.connect(self._exported)
+            worker.errored.connect(self._notify_error)
+            worker.finished.connect(self._export_finished)
+            self._export_worker = worker
+            worker.start()
+            return None
+        self._exported(written)
         return written
+
+    def _exported(self, written: list[Path]) -> None:
+        self.last_export = written
+        self.status.setText(f"exported {len(written)} files: {', '.join(p.name for p in written)}")
+
+    def _export_finished(self) -> None:
+        self._export_worker = None
+        self.export_button.setEnabled(True)
 
     def _csv_clicked(self) -> None:
         path = self.ask_save_path("Export structure table", "CSV table (*.csv)")
@@ -550,7 +588,7 @@ class StructureTableWidget(QWidget):
             "Label map (*.nii.gz *.nii *.nrrd *.seg.nrrd *.mha)",
         )
         if path:
-            self.export_to(path)
+            self.export_to(path, background=None)
 
     def _notify_error(self, exc: BaseException) -> None:
         """A CdpdnetError's message as it is; anything else is a bug: logged with its traceback,

@@ -36,6 +36,8 @@ __all__ = [
     "describe_labels",
     "is_structure_value",
     "export_paths",
+    "label_key",
+    "present_values",
     "export_segmentation",
     "export_dicom_seg",
     "dicom_seg_specs",
@@ -150,11 +152,31 @@ def dicom_seg_specs(rows: Sequence[LabelRow], *, edited: Iterable[int] = ()) -> 
     return specs
 
 
-def export_paths(out_path: str | os.PathLike[str], rows: Sequence[LabelRow], *, dicom_seg: bool = False,
+def label_key(value: int, *, cdpdnet: bool = True) -> str:
+    """The key naming a label's files: the structure key (``left_kidney``) or ``label_N``."""
+    if cdpdnet and is_structure_value(value):
+        from napari_cdpdnet.vocabulary import structure
+
+        return structure(int(value)).key
+    return f"label_{int(value)}"
+
+
+def present_values(labels: np.ndarray) -> list[int]:
+    """The non-zero values in ``labels`` (one counting pass; no sort of the whole volume)."""
+    flat = np.asarray(labels).reshape(-1)
+    if not flat.size:
+        return []
+    if flat.min() < 0:
+        raise InputError("a label map cannot hold negative values")
+    return [int(v) for v in np.flatnonzero(np.bincount(flat.astype(np.intp, copy=False))) if v]
+
+
+def export_paths(out_path: str | os.PathLike[str], keys: Sequence[str] = (), *, dicom_seg: bool = False,
                  meshes: bool = False) -> list[Path]:
     """The files :func:`export_segmentation` would write, in order (for asking before overwriting).
 
-    ``liver.nii.gz`` → ``liver.nii.gz``, ``liver.csv``, ``liver.seg.dcm``, ``liver_<key>.stl``...
+    ``liver.nii.gz`` → ``liver.nii.gz``, ``liver.csv``, ``liver.seg.dcm``, ``liver_<key>.stl``
+    for each of ``keys`` (see :func:`label_key`).
     """
     from napari_cdpdnet.fileutil import full_suffix
     from napari_cdpdnet.io import LABEL_MAP_SUFFIXES
@@ -172,7 +194,7 @@ def export_paths(out_path: str | os.PathLike[str], rows: Sequence[LabelRow], *, 
         paths.append(table.with_suffix(".seg.dcm"))
     if meshes:
         stem = table.with_suffix("").name
-        paths.extend(out.with_name(f"{stem}_{row.key}.stl") for row in rows if row.voxel_count)
+        paths.extend(out.with_name(f"{stem}_{key}.stl") for key in keys)
     return paths
 
 
@@ -318,10 +340,11 @@ def export_segmentation(
     if dicom_seg:
         _need_dicom(geometry)
     out = Path(out_path).expanduser()
-    export_paths(out, [], dicom_seg=dicom_seg)  # suffix check before measuring anything
+    export_paths(out, dicom_seg=dicom_seg)  # suffix check before measuring anything
     rows = describe_labels(labels, geometry, image, cdpdnet=cdpdnet, reviewed=reviewed, edited=edited,
                            colors=colors, names=names)
-    paths = export_paths(out, rows, dicom_seg=dicom_seg, meshes=meshes)
+    keys = [row.key for row in rows if row.voxel_count]
+    paths = export_paths(out, keys, dicom_seg=dicom_seg, meshes=meshes)
     for p in paths:
         check_writable(p, overwrite=overwrite)
     if dicom_seg and not rows:

@@ -118,13 +118,21 @@ def test_painting_and_undo_update_the_table(ct_viewer, qtbot) -> None:
     qtbot.waitUntil(lambda: sum(r.voxel_count for r in widget.rows) < sum(before.values()), timeout=5000)
 
 
-def test_big_volumes_are_measured_in_a_worker(ct_viewer, qtbot) -> None:
+def test_big_volumes_are_measured_and_exported_in_a_worker(ct_viewer, qtbot, tmp_path: Path) -> None:
     viewer, image, labels = ct_viewer
     widget = _widget(viewer, thread_voxels=0)
     expected = label_statistics(labels.data, labels.metadata["geometry"], image.data)
     assert [r.voxel_count for r in widget.rows] == [s.voxel_count for s in expected]
     labels.data_setitem((np.array([5]), np.array([5]), np.array([5])), 99)
     qtbot.waitUntil(lambda: 99 in {r.value for r in widget.rows}, timeout=5000)
+
+    snapshot = labels.data.copy()
+    assert widget.export_to(tmp_path / "big.nii.gz", background=None) is None  # a worker writes
+    labels.data_setitem((np.array([6]), np.array([6]), np.array([6])), 98)  # edits meanwhile
+    widget.wait_idle()
+    assert widget.last_export == [tmp_path / "big.nii.gz", tmp_path / "big.csv"]
+    np.testing.assert_array_equal(read_label_map(tmp_path / "big.nii.gz")[0], snapshot)
+    assert widget.export_button.isEnabled()
 
 
 def test_export_nifti_and_table_with_reviewed(ct_viewer, tmp_path: Path) -> None:
