@@ -247,12 +247,14 @@ class StructureTableWidget(QWidget):
                 self.labels_combo.setCurrentIndex(len(labels) - 1)
         self._labels_chosen()
 
-    def _fill_images(self) -> None:
+    def _fill_images(self, keep: bool) -> None:
+        """List the images; keep the current choice (``keep``, the same Labels layer) when it
+        still exists, else choose the labels' own image or one of the same shape."""
         layer = self.labels_layer()
         current = self.image_combo.currentText()
         images = [ly for ly in self.viewer.layers if _is(ly, "image")]
         names = [_NO_IMAGE] + [ly.name for ly in images]
-        choice = current if current in names and current != _NO_IMAGE else None
+        choice = current if keep and current in names else None
         if layer is not None and choice is None:
             wanted = (layer.metadata or {}).get("image_layer")
             same_shape = [ly.name for ly in images if np.shape(ly.data) == np.shape(layer.data)]
@@ -264,9 +266,10 @@ class StructureTableWidget(QWidget):
 
     def _labels_chosen(self, *_: Any) -> None:
         layer = self.labels_layer()
-        if layer is not self._layer:
+        same = layer is self._layer
+        if not same:
             self._connect(layer)
-        self._fill_images()
+        self._fill_images(keep=same)
         self.schedule_refresh()
 
     def _connect(self, layer: Labels | None) -> None:

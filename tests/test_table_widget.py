@@ -94,6 +94,11 @@ def test_result_layer_uses_vocabulary_and_its_image(ct_viewer) -> None:
     assert widget.labels_layer() is result and widget.image_layer() is image  # metadata["image_layer"]
     names = _column(widget, 1)
     assert names == ["Spleen", "Right Kidney", "Left Kidney", "Liver", "Stomach", "Aorta"]
+    widget.image_combo.setCurrentIndex(0)  # the user's "(none)" survives unrelated layer changes
+    viewer.add_points([[0, 0, 0]])
+    assert widget.image_layer() is None
+    widget.labels_combo.setCurrentText(labels.name)  # another Labels layer: its own default image
+    assert widget.labels_layer() is labels and widget.image_layer() is image
 
 
 def test_painting_and_undo_update_the_table(ct_viewer, qtbot) -> None:
