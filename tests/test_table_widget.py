@@ -221,6 +221,17 @@ def test_dicom_seg_export_on_the_dcmqi_series(make_napari_viewer, shared_path, t
     referenced = {i.ReferencedSOPInstanceUID for i in ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
     assert referenced == set(geometry.dicom.sop_instance_uids)
 
+    # dcmqi's liver map opened through the reader: NRRD geometry, no DICOM references of its
+    # own; it lies on the series' grid, so the series' references are used
+    [nrrd] = viewer.open(str(shared_path("data", "dcmqi", "liver_seg.nrrd")), plugin="napari-cdpdnet")
+    assert nrrd.metadata["geometry"].dicom is None
+    widget.labels_combo.setCurrentText(nrrd.name)
+    assert widget.image_layer() is image
+    written = widget.export_to(tmp_path / "nrrd.nii.gz", dicom_seg=True)
+    back, segments = read_dicom_seg(written[2], geometry)
+    assert [s.label for s in segments] == ["label 1"] and segments[0].type_code[0] == "85756007"
+    np.testing.assert_array_equal(back, liver)
+
     # the napari Save route (.dcm writer contribution) on a layer holding the geometry
     layer.metadata["geometry"] = geometry
     out = tmp_path / "saved.dcm"
