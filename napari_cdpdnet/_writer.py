@@ -9,8 +9,12 @@ describe in napari world coordinates, which this plugin takes to be LPS millimet
 Overwriting: napari's save dialog already asks before replacing a file, so this writer replaces
 the file it was given; the write itself is atomic (no partial file on error).
 
-DICOM-SEG export needs segment names and codes, not just a label array, and therefore has its
-own command elsewhere; new single-file formats are added in :data:`WRITABLE_SUFFIXES`.
+A Labels layer whose CT was read from a DICOM series can also be saved as DICOM-SEG (``.dcm``,
+:func:`write_labels_dicom_seg`): values 1..32 of layers made by this plugin (``metadata["cdpdnet"]``)
+carry the vocabulary's names and SNOMED codes, other values become generic ``label N`` segments;
+label values listed in ``metadata["edited_labels"]`` are declared SEMIAUTOMATIC. The file is read
+back and compared before it appears (:func:`napari_cdpdnet.export.export_dicom_seg`).
+New single-file label-map formats are added in :data:`WRITABLE_SUFFIXES`.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from napari_cdpdnet.errors import InputError
 from napari_cdpdnet.geometry import Geometry
 from napari_cdpdnet.io import write_label_map
 
-__all__ = ["write_labels", "geometry_for_layer", "WRITABLE_SUFFIXES"]
+__all__ = ["write_labels", "write_labels_dicom_seg", "geometry_for_layer", "WRITABLE_SUFFIXES"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,4 +111,24 @@ def write_labels(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
     array = np.asarray(data)
     geometry = geometry_for_layer(array.shape, attributes)
     written = write_label_map(path, array, geometry, overwrite=True)
+    return [str(written)]
+
+
+def write_labels_dicom_seg(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
+    """npe2 single-layer writer: a Labels layer on a DICOM series as a verified DICOM-SEG."""
+    from napari_cdpdnet.export import export_dicom_seg
+
+    if isinstance(data, (list, tuple)):
+        data = data[0]
+    array = np.asarray(data)
+    geometry = geometry_for_layer(array.shape, attributes)
+    metadata = attributes.get("metadata") or {}
+    written = export_dicom_seg(
+        array,
+        geometry,
+        path,
+        cdpdnet="cdpdnet" in metadata,
+        edited=metadata.get("edited_labels") or (),
+        overwrite=True,
+    )
     return [str(written)]

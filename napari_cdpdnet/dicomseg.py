@@ -255,9 +255,20 @@ def read_dicom_seg(path: str | Path, geometry: Geometry) -> tuple[np.ndarray, li
     pixels = seg.pixel_array
     if pixels.ndim == 2:
         pixels = pixels[None]
+    # A functional group missing from a frame's item is in the shared one (highdicom puts the
+    # segment number there when the SEG has a single segment).
+    shared = seg.get("SharedFunctionalGroupsSequence")
+    shared = shared[0] if shared else None
+
+    def group(fg, keyword: str):
+        item = fg.get(keyword) or (shared.get(keyword) if shared is not None else None)
+        if not item:
+            raise InputError(f"{path}: frames carry no {keyword}; cannot place them")
+        return item[0]
+
     for frame_index, fg in enumerate(seg.PerFrameFunctionalGroupsSequence):
-        number = int(fg.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-        pos = np.array(fg.PlanePositionSequence[0].ImagePositionPatient, float)
+        number = int(group(fg, "SegmentIdentificationSequence").ReferencedSegmentNumber)
+        pos = np.array(group(fg, "PlanePositionSequence").ImagePositionPatient, float)
         zyx = (inv @ np.append(pos, 1.0))[:3][::-1]
         k = int(round(zyx[0]))
         if abs(zyx[0] - k) > 0.05 or not 0 <= k < geometry.shape[0] or np.abs(zyx[1:]).max() > 0.05:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_cdpdnet.geometry import Geometry
-from napari_cdpdnet.measure import label_statistics
+from napari_cdpdnet.measure import LabelStats, label_statistics
 
 __all__ = [
     "LabelRow",
@@ -26,6 +26,8 @@ __all__ = [
     "build_label_table",
     "write_label_table",
     "label_table_path",
+    "structure_row",
+    "plain_label_row",
 ]
 
 
@@ -79,33 +81,61 @@ def build_label_table(
         reviewed: structure indices a person has checked.
         source: who made the labels (``CDPDNet``, ``CDPDNet+edited``, ...).
     """
-    from napari_cdpdnet.vocabulary import structure
-
     stats = label_statistics(labels, geometry, image, values=values)
     reviewed = {int(v) for v in reviewed}
-    rows = []
-    for st in stats:
-        s = structure(st.value)
-        rows.append(
-            LabelRow(
-                value=st.value,
-                key=s.key,
-                name=s.name,
-                color=s.color_hex,
-                group=s.group,
-                laterality=s.laterality or "",
-                snomed_category=_code_text(s.snomed.category),
-                snomed_type=_code_text(s.snomed.type),
-                snomed_modifier=_code_text(s.snomed.type_modifier),
-                voxel_count=st.voxel_count,
-                volume_ml=round(st.volume_ml, 3),
-                hu_mean=st.hu_mean,
-                hu_sd=st.hu_sd,
-                reviewed=st.value in reviewed,
-                source=source,
-            )
-        )
-    return rows
+    return [structure_row(st, reviewed=st.value in reviewed, source=source) for st in stats]
+
+
+def structure_row(st: LabelStats, *, reviewed: bool = False, source: str = "CDPDNet") -> LabelRow:
+    """The row of a CDPDNet structure (``st.value`` = structure index 1..32) from its measurements.
+
+    Raises:
+        VocabularyError: ``st.value`` is not a structure index.
+    """
+    from napari_cdpdnet.vocabulary import structure
+
+    s = structure(st.value)
+    return LabelRow(
+        value=st.value,
+        key=s.key,
+        name=s.name,
+        color=s.color_hex,
+        group=s.group,
+        laterality=s.laterality or "",
+        snomed_category=_code_text(s.snomed.category),
+        snomed_type=_code_text(s.snomed.type),
+        snomed_modifier=_code_text(s.snomed.type_modifier),
+        voxel_count=st.voxel_count,
+        volume_ml=round(st.volume_ml, 3),
+        hu_mean=st.hu_mean,
+        hu_sd=st.hu_sd,
+        reviewed=bool(reviewed),
+        source=source,
+    )
+
+
+def plain_label_row(
+    st: LabelStats, *, name: str | None = None, color: str = "", reviewed: bool = False, source: str = ""
+) -> LabelRow:
+    """The row of a label that is not a CDPDNet structure (drawn by hand, or from another tool):
+    named ``label N`` unless a name is given, no codes."""
+    return LabelRow(
+        value=st.value,
+        key=f"label_{st.value}",
+        name=name or f"label {st.value}",
+        color=color,
+        group="",
+        laterality="",
+        snomed_category="",
+        snomed_type="",
+        snomed_modifier="",
+        voxel_count=st.voxel_count,
+        volume_ml=round(st.volume_ml, 3),
+        hu_mean=st.hu_mean,
+        hu_sd=st.hu_sd,
+        reviewed=bool(reviewed),
+        source=source,
+    )
 
 
 def _cell(value: object) -> str:

@@ -103,3 +103,12 @@ def test_mesh_is_closed_outward_and_in_patient_mm(direction: np.ndarray, tmp_pat
 def test_mesh_of_empty_label_is_refused() -> None:
     with pytest.raises(ValueError, match="empty"):
         label_mesh(np.zeros((4, 4, 4), np.uint8), 1, Geometry.identity((4, 4, 4)))
+
+
+def test_single_segment_seg_round_trip(dcmqi, tmp_path: Path) -> None:
+    """highdicom stores a lone segment's number in the shared functional groups, not per frame."""
+    ct, liver, _ = dcmqi
+    out = write_dicom_seg(tmp_path / "one.dcm", liver * 6, ct.geometry, [LIVER])
+    back, segments = read_dicom_seg(out, ct.geometry)
+    assert [s.label for s in segments] == ["Liver"]
+    np.testing.assert_array_equal(back == 1, liver == 1)

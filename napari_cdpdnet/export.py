@@ -1,0 +1,410 @@
+"""Export a (possibly hand-corrected) segmentation: label map + label table, DICOM-SEG, STL meshes.
+
+One call writes everything a user asked for, or nothing: every file is first written into a
+hidden staging folder beside the destination, the DICOM-SEG is read back and compared voxel by
+voxel with the label map, and only then are the files moved onto their names. Existing files are
+refused unless ``overwrite`` is given; when they are replaced and a later move fails, the old
+files are put back.
+
+Label values are CDPDNet structure indices (1..32) for layers this plugin made; labels from
+elsewhere (a TotalSegmentator map, a hand-drawn layer) are "plain" labels named ``label N``. In
+DICOM-SEG the structures carry the vocabulary's SNOMED-CT codes; plain labels are coded as the
+generic SNOMED "Tissue" with algorithm type MANUAL, because nothing more is known about them.
+
+Used by the structure-table widget and the napari DICOM-SEG writer; no napari or Qt here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from napari_cdpdnet.errors import CdpdnetError, InputError
+from napari_cdpdnet.geometry import Geometry
+from napari_cdpdnet.labeltable import LabelRow, label_table_path, plain_label_row, structure_row
+
+__all__ = [
+    "TISSUE",
+    "describe_labels",
+    "is_structure_value",
+    "export_paths",
+    "label_key",
+    "present_values",
+    "export_segmentation",
+    "export_dicom_seg",
+    "dicom_seg_specs",
+    "with_reviewed",
+]
+
+logger = logging.getLogger(__name__)
+
+#: SNOMED-CT "Tissue", the generic category/type for labels that are not CDPDNet structures.
+TISSUE = ("85756007", "SCT", "Tissue")
+
+_N_STRUCTURES = 32
+
+
+def is_structure_value(value: int) -> bool:
+    """True when ``value`` can be a CDPDNet structure index."""
+    return 1 <= int(value) <= _N_STRUCTURES
+
+
+def _check_shapes(labels: np.ndarray, geometry: Geometry, image: np.ndarray | None) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise InputError(f"only 3-D label maps can be exported; this one is {labels.ndim}-D")
+    if labels.shape != geometry.shape:
+        raise InputError(
+            f"the label map has shape {labels.shape} but its CT grid is {geometry.shape}; "
+            "it no longer matches the image it was made for"
+        )
+    if image is not None and np.shape(image) != labels.shape:
+        raise InputError(
+            f"the image has shape {np.shape(image)} but the label map {labels.shape}; choose the "
+            "image the labels were drawn on (or none) for the HU columns"
+        )
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+        raise InputError(f"a label map must hold integers, not {labels.dtype}")
+    return labels
+
+
+def describe_labels(
+    labels: np.ndarray,
+    geometry: Geometry,
+    image: np.ndarray | None = None,
+    *,
+    cdpdnet: bool = True,
+    reviewed: Iterable[int] = (),
+    edited: Iterable[int] = (),
+    colors: Mapping[int, str] | None = None,
+    names: Mapping[int, str] | None = None,
+) -> list[LabelRow]:
+    """The label-table rows of every non-zero value present (one measuring pass).
+
+    Args:
+        labels: ``[z, y, x]`` label map on ``geometry``.
+        geometry: its grid.
+        image: CT in HU on the same grid, for the density columns (NaN without it).
+        cdpdnet: values 1..32 are CDPDNet structure indices (layers made by this plugin); other
+            values, and all values when False, become plain ``label N`` rows.
+        reviewed: values a person has checked (the ``reviewed`` column; training reads it).
+        edited: values a person has painted on; their source reads ``CDPDNet+edited``.
+        colors: ``#rrggbb`` per value for plain labels (e.g. the napari layer's colours).
+        names: names for plain labels (default ``label N``).
+    """
+    from napari_cdpdnet.measure import label_statistics
+
+    labels = _check_shapes(labels, geometry, image)
+    stats = label_statistics(labels, geometry, image)
+    reviewed = {int(v) for v in reviewed}
+    edited = {int(v) for v in edited}
+    colors = colors or {}
+    names = names or {}
+    rows = []
+    for st in stats:
+        done = st.value in reviewed
+        if cdpdnet and is_structure_value(st.value):
+            row = structure_row(st, reviewed=done, source="CDPDNet+edited" if st.value in edited else "CDPDNet")
+        else:
+            row = plain_label_row(
+                st, name=names.get(st.value), color=colors.get(st.value, ""), reviewed=done,
+                source="edited" if st.value in edited else "",
+            )
+        rows.append(row)
+    return rows
+
+
+def _hex_rgb(color: str) -> tuple[int, int, int] | None:
+    text = color.lstrip("#")
+    if len(text) < 6:
+        return None
+    try:
+        return tuple(int(text[i : i + 2], 16) for i in (0, 2, 4))  # type: ignore[return-value]
+    except ValueError:
+        return None
+
+
+def dicom_seg_specs(rows: Sequence[LabelRow], *, edited: Iterable[int] = ()) -> list:
+    """DICOM-SEG segment descriptions for table rows: vocabulary codes for structures, the
+    generic ``Tissue`` code (algorithm type MANUAL) for plain labels."""
+    from napari_cdpdnet.dicomseg import SegmentSpec, segment_specs
+
+    edited = {int(v) for v in edited}
+    specs = []
+    for row in rows:
+        if row.snomed_type:  # a vocabulary structure
+            specs.extend(segment_specs([row.value], edited=edited))
+        else:
+            specs.append(
+                SegmentSpec(
+                    value=row.value, label=row.name, type_code=TISSUE, category_code=TISSUE,
+                    color=_hex_rgb(row.color), algorithm_type="MANUAL",
+                )
+            )
+    return specs
+
+
+def label_key(value: int, *, cdpdnet: bool = True) -> str:
+    """The key naming a label's files: the structure key (``left_kidney``) or ``label_N``."""
+    if cdpdnet and is_structure_value(value):
+        from napari_cdpdnet.vocabulary import structure
+
+        return structure(int(value)).key
+    return f"label_{int(value)}"
+
+
+def present_values(labels: np.ndarray) -> list[int]:
+    """The non-zero values in ``labels`` (one counting pass; no sort of the whole volume)."""
+    flat = np.asarray(labels).reshape(-1)
+    if not flat.size:
+        return []
+    if flat.min() < 0:
+        raise InputError("a label map cannot hold negative values")
+    return [int(v) for v in np.flatnonzero(np.bincount(flat.astype(np.intp, copy=False))) if v]
+
+
+def export_paths(out_path: str | os.PathLike[str], keys: Sequence[str] = (), *, dicom_seg: bool = False,
+                 meshes: bool = False) -> list[Path]:
+    """The files :func:`export_segmentation` would write, in order (for asking before overwriting).
+
+    ``liver.nii.gz`` → ``liver.nii.gz``, ``liver.csv``, ``liver.seg.dcm``, ``liver_<key>.stl``
+    for each of ``keys`` (see :func:`label_key`).
+    """
+    from napari_cdpdnet.fileutil import full_suffix
+    from napari_cdpdnet.io import LABEL_MAP_SUFFIXES
+
+    out = Path(out_path).expanduser()
+    suffix = full_suffix(out)
+    if suffix not in LABEL_MAP_SUFFIXES:
+        raise InputError(
+            f"{out}: cannot write a label map as {suffix or '(no suffix)'!r}; use one of "
+            f"{', '.join(LABEL_MAP_SUFFIXES)} (DICOM-SEG is written beside it)"
+        )
+    table = label_table_path(out)
+    paths = [out, table]
+    if dicom_seg:
+        paths.append(table.with_suffix(".seg.dcm"))
+    if meshes:
+        stem = table.with_suffix("").name
+        paths.extend(out.with_name(f"{stem}_{key}.stl") for key in keys)
+    return paths
+
+
+class _Staging:
+    """Files written under a hidden folder beside the destination, published all together."""
+
+    def __init__(self, folder: Path) -> None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.dir = Path(tempfile.mkdtemp(prefix=".tmp-export-", dir=folder))
+        except OSError as exc:
+            raise InputError(f"cannot write to {folder}: {exc.strerror or exc}") from exc
+        self.targets: dict[Path, Path] = {}
+
+    def path(self, final: Path) -> Path:
+        """Where to write the file that becomes ``final``."""
+        staged = self.dir / final.name
+        self.targets[staged] = final
+        return staged
+
+    def publish(self, overwrite: bool) -> None:
+        """Move every staged file (and companions such as an .mhd's .zraw) onto its name."""
+        from napari_cdpdnet.errors import OutputExistsError
+        from napari_cdpdnet.fileutil import _publish
+
+        final_folder = next(iter(self.targets.values())).parent
+        moves = [(p, self.targets.get(p, final_folder / p.name)) for p in sorted(self.dir.iterdir())]
+        moves = [(src, dst) for src, dst in moves if not src.name.startswith(".")]
+        backups: list[tuple[Path, Path]] = []
+        done: list[Path] = []
+        try:
+            for src, dst in moves:
+                if os.path.lexists(dst):
+                    if not overwrite:
+                        raise OutputExistsError(
+                            f"{dst} appeared while exporting; nothing was written or replaced"
+                        )
+                    keep = self.dir / f".old-{len(backups)}-{dst.name}"
+                    os.replace(dst, keep)
+                    backups.append((keep, dst))
+                _publish(src, dst, overwrite=False)
+                done.append(dst)
+        except BaseException:
+            for dst in done:
+                with contextlib.suppress(OSError):
+                    dst.unlink()
+            for keep, dst in backups:
+                with contextlib.suppress(OSError):
+                    os.replace(keep, dst)
+            raise
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _staging(folder: Path) -> Iterator[_Staging]:
+    stage = _Staging(folder)
+    try:
+        yield stage
+    finally:
+        stage.close()
+
+
+def _write_checked_seg(path: Path, labels: np.ndarray, geometry: Geometry, specs: Sequence) -> None:
+    """Write the DICOM-SEG and read it back: each segment must hold exactly its label's voxels."""
+    from napari_cdpdnet.dicomseg import read_dicom_seg, write_dicom_seg
+
+    write_dicom_seg(path, labels, geometry, specs)
+    back, segments = read_dicom_seg(path, geometry)
+    kept = [s for s in specs if (labels == s.value).any()]
+    if len(segments) != len(kept):
+        raise CdpdnetError(
+            f"DICOM-SEG check failed: {len(segments)} segments read back, {len(kept)} written; "
+            "nothing was exported (please report this)"
+        )
+    expected = np.zeros(labels.shape, np.uint8)
+    for number, spec in enumerate(kept, start=1):
+        expected[labels == spec.value] = number
+    if not np.array_equal(back, expected):
+        wrong = int(np.count_nonzero(back != expected))
+        raise CdpdnetError(
+            f"DICOM-SEG check failed: {wrong} voxels differ after reading it back; nothing was "
+            "exported (please report this)"
+        )
+    logger.info("DICOM-SEG %s read back identical (%d segments)", path.name, len(kept))
+
+
+def _need_dicom(geometry: Geometry) -> None:
+    if geometry.dicom is None:
+        raise InputError(
+            "DICOM-SEG needs the source DICOM series, and these labels belong to an image that was "
+            "not read from DICOM. Export NIfTI/NRRD instead, or open the DICOM series and draw or "
+            "segment on that."
+        )
+
+
+def export_segmentation(
+    labels: np.ndarray,
+    geometry: Geometry,
+    image: np.ndarray | None,
+    out_path: str | os.PathLike[str],
+    *,
+    dicom_seg: bool = False,
+    meshes: bool = False,
+    cdpdnet: bool = True,
+    reviewed: Iterable[int] = (),
+    edited: Iterable[int] = (),
+    colors: Mapping[int, str] | None = None,
+    names: Mapping[int, str] | None = None,
+    smoothing_sigma: float = 0.0,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Write the label map on ``geometry`` plus its label table, and optionally DICOM-SEG and STL.
+
+    Args:
+        labels: ``[z, y, x]`` label map on ``geometry``.
+        geometry: the source CT's grid; must carry DICOM references for ``dicom_seg``.
+        image: CT in HU on the same grid for the HU columns of the table, or None.
+        out_path: the label map file (``.nii.gz``, ``.nrrd``, ``.seg.nrrd``, ``.mha``, ...);
+            the table goes beside it as ``<name>.csv``, the DICOM-SEG as ``<name>.seg.dcm``
+            and meshes as ``<name>_<structure key>.stl`` (see :func:`export_paths`).
+        dicom_seg: also write a DICOM-SEG referencing the source series, verified by reading it
+            back.
+        meshes: also write one STL surface (LPS mm) per non-empty label.
+        cdpdnet, reviewed, edited, colors, names: as in :func:`describe_labels`.
+        smoothing_sigma: mesh smoothing in voxels (0: exact voxel boundary).
+        overwrite: replace existing files; otherwise any existing output refuses the export
+            before anything is computed.
+
+    Returns:
+        The written paths, label map first.
+
+    Raises:
+        InputError: bad shapes or suffix, DICOM-SEG without DICOM references, nothing to put
+            in a DICOM-SEG.
+        OutputExistsError: an output exists and ``overwrite`` is false.
+    """
+    from napari_cdpdnet.fileutil import check_writable
+    from napari_cdpdnet.io import write_label_map
+
+    labels = _check_shapes(labels, geometry, image)
+    if dicom_seg:
+        _need_dicom(geometry)
+    out = Path(out_path).expanduser()
+    export_paths(out, dicom_seg=dicom_seg)  # suffix check before measuring anything
+    rows = describe_labels(labels, geometry, image, cdpdnet=cdpdnet, reviewed=reviewed, edited=edited,
+                           colors=colors, names=names)
+    keys = [row.key for row in rows if row.voxel_count]
+    paths = export_paths(out, keys, dicom_seg=dicom_seg, meshes=meshes)
+    for p in paths:
+        check_writable(p, overwrite=overwrite)
+    if dicom_seg and not rows:
+        raise InputError("nothing to put in a DICOM-SEG: the label map is empty")
+
+    with _staging(out.parent) as stage:
+        from napari_cdpdnet.labeltable import write_label_table
+
+        label_names = {row.value: row.name for row in rows}
+        write_label_map(stage.path(paths[0]), labels, geometry, label_names=label_names)
+        write_label_table(stage.path(paths[1]), rows)
+        rest = iter(paths[2:])
+        if dicom_seg:
+            _write_checked_seg(stage.path(next(rest)), labels, geometry, dicom_seg_specs(rows, edited=edited))
+        if meshes:
+            from napari_cdpdnet.meshes import label_mesh, write_stl
+
+            for row in rows:
+                if not row.voxel_count:
+                    continue
+                verts, faces = label_mesh(labels, row.value, geometry, smoothing_sigma=smoothing_sigma)
+                write_stl(stage.path(next(rest)), verts, faces, name=row.name)
+        stage.publish(overwrite)
+    logger.info("exported %s (%d files)", out, len(paths))
+    return paths
+
+
+def export_dicom_seg(
+    labels: np.ndarray,
+    geometry: Geometry,
+    out_path: str | os.PathLike[str],
+    *,
+    cdpdnet: bool = True,
+    edited: Iterable[int] = (),
+    colors: Mapping[int, str] | None = None,
+    names: Mapping[int, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write only a DICOM-SEG (verified by reading it back), e.g. from napari's Save dialog.
+
+    Raises:
+        InputError: no DICOM references, empty label map, bad shape.
+        OutputExistsError: ``out_path`` exists and ``overwrite`` is false.
+    """
+    from napari_cdpdnet.fileutil import check_writable
+
+    labels = _check_shapes(labels, geometry, None)
+    _need_dicom(geometry)
+    out = check_writable(Path(out_path).expanduser(), overwrite=overwrite)
+    rows = describe_labels(labels, geometry, cdpdnet=cdpdnet, edited=edited, colors=colors, names=names)
+    if not rows:
+        raise InputError("nothing to put in a DICOM-SEG: the label map is empty")
+    with _staging(out.parent) as stage:
+        _write_checked_seg(stage.path(out), labels, geometry, dicom_seg_specs(rows, edited=edited))
+        stage.publish(overwrite)
+    return out
+
+
+# Rows are frozen dataclasses; the widget updates the reviewed column without re-measuring.
+def with_reviewed(rows: Sequence[LabelRow], reviewed: Iterable[int]) -> list[LabelRow]:
+    """Copies of ``rows`` with the ``reviewed`` column set from ``reviewed`` values."""
+    reviewed = {int(v) for v in reviewed}
+    return [replace(r, reviewed=r.value in reviewed) for r in rows]
