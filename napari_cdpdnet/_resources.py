@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from importlib.resources.abc import Traversable
 from typing import Any
@@ -24,7 +24,7 @@ def resource(*parts: str) -> Traversable:
     return node
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_json(*parts: str) -> Any:
     """Parse a shipped JSON resource once per process."""
     return json.loads(resource(*parts).read_text(encoding="utf-8"))

@@ -581,7 +581,6 @@ def write_label_map(
     Returns:
         The written path. The write is atomic: on any error no file appears under ``path``.
     """
-    import SimpleITK as sitk
 
     path = Path(path).expanduser()
     suffix = full_suffix(path)

@@ -151,7 +151,11 @@ class Segmenter:
             return self._device_modules[key]
 
     def _load_official(self) -> torch.nn.Module:
-        from napari_cdpdnet.model import build_from_official, load_dino_state_dict, load_official_checkpoint
+        from napari_cdpdnet.model import (
+            build_from_official,
+            load_dino_state_dict,
+            load_official_checkpoint,
+        )
 
         files = self.weights()
         t0 = time.perf_counter()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from model_support import write_official_checkpoint, write_tiny_weights
+
 from napari_cdpdnet.errors import InputError, WeightsError
 from napari_cdpdnet.model import (
     CDPDNetConfig,

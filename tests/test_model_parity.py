@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from model_support import synthetic_state_dict, write_official_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared]
@@ -37,7 +36,11 @@ def reference(request: pytest.FixtureRequest) -> dict:
 def test_official_logits_are_reproduced(reference: dict, tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from napari_cdpdnet.model import build_from_official, load_dino_state_dict, load_official_checkpoint
+    from napari_cdpdnet.model import (
+        build_from_official,
+        load_dino_state_dict,
+        load_official_checkpoint,
+    )
     from napari_cdpdnet.model.lwca import relative_position_index
 
     meta = reference["meta"]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from model_support import write_tiny_weights
+
 from napari_cdpdnet.cli import main
 from napari_cdpdnet.errors import Cancelled
 from napari_cdpdnet.io import read_ct, read_label_map

@@ -212,7 +212,7 @@ def _meta_to_hub(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
         prefix = f"encoder.layer.{n}."
         if rest.startswith("attn.qkv."):
             kind = rest.rsplit(".", 1)[1]
-            for name, part in zip(("query", "key", "value"), v.chunk(3, dim=0)):
+            for name, part in zip(("query", "key", "value"), v.chunk(3, dim=0), strict=True):
                 out[f"{prefix}attention.attention.{name}.{kind}"] = part.clone()
             continue
         for meta, hub in block.items():
