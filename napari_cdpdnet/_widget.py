@@ -161,6 +161,10 @@ class SegmentationWidget(QWidget):
         self._trackers: dict[int, _layers.EditTracker] = {}
         #: image layer name -> probabilities of its last run.
         self.probability_cache: dict[str, _layers.ProbabilityCache] = {}
+        self._weights_check = 0
+        # Workers report after the dock may have been closed: their callbacks check this first.
+        self._alive = alive = {"yes": True}
+        self.destroyed.connect(lambda *_a: alive.update(yes=False))
         self._build()
         self._connect_viewer()
         self.refresh_layers()
@@ -374,7 +378,7 @@ class SegmentationWidget(QWidget):
         """Structures ticked in the checklist, in vocabulary order."""
         return [
             STRUCTURES[i - 1]
-            for i, item in self._items.items()
+            for i, item in sorted(self._items.items())
             if item.checkState(0) == Qt.CheckState.Checked
         ]
 
@@ -533,9 +537,10 @@ class SegmentationWidget(QWidget):
             _start_thread=False,
             _ignore_errors=True,
         )
-        worker.returned.connect(lambda out: self._on_result(out, ctx))
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
+        alive = self._alive
+        worker.returned.connect(lambda out: alive["yes"] and self._on_result(out, ctx))
+        worker.errored.connect(lambda exc: alive["yes"] and self._on_error(exc))
+        worker.finished.connect(lambda: alive["yes"] and self._on_finished())
         self._worker = worker
         self._last_status = "error"
         self._started = time.perf_counter()
@@ -718,18 +723,28 @@ class SegmentationWidget(QWidget):
     # ------------------------------------------------------------------ weights
     def refresh_weights_status(self) -> None:
         """Check (in a worker: it may hash large files) whether the weights are usable."""
+        self._weights_check += 1
+        generation = self._weights_check
         if self.segmenter.is_loaded():
             self.weights_label.setText("Weights: model loaded.")
             return
         self.weights_label.setText("Weights: checking...")
         worker = create_worker(self.segmenter.weights, _start_thread=False, _ignore_errors=True)
+        alive = self._alive
+
+        def current() -> bool:
+            return alive["yes"] and generation == self._weights_check
 
         def ok(files: Any) -> None:
+            if not current():
+                return
             where = ", ".join(sorted(set(files.sources.values())))
             self.weights_label.setText(f"Weights: ready ({where}).")
             self.weights_label.setToolTip(f"{files.checkpoint}\n{files.dino_weights}")
 
         def failed(exc: BaseException) -> None:
+            if not current():
+                return
             self.weights_label.setText(
                 "Weights: not found. Download them (about 1 GB, third-party terms) or choose a "
                 "local folder holding cdpdnet.pth and DINOv2-base."
@@ -783,9 +798,10 @@ class SegmentationWidget(QWidget):
             self.progress_bar.setFormat("%p%")
             self.refresh_weights_status()
 
-        worker.returned.connect(ok)
-        worker.errored.connect(failed)
-        worker.finished.connect(done)
+        alive = self._alive
+        worker.returned.connect(lambda r: alive["yes"] and ok(r))
+        worker.errored.connect(lambda e: alive["yes"] and failed(e))
+        worker.finished.connect(lambda: alive["yes"] and done())
         self._weights_worker = worker
         self._set_busy(True)
         self.status_label.setText("Downloading weights...")
