@@ -224,7 +224,9 @@ def test_run_cancel_edit_rerun_merge_and_pick(make_napari_viewer, qtbot, shared_
     widget.preset_combo.setCurrentText("fast")
     qtbot.waitUntil(lambda: "Left Kidney (exact 1.00)" in widget.resolved_label.text(), timeout=2000)
     assert "Liver (exact 1.00)" in widget.resolved_label.text()
+    t0 = time.perf_counter()
     assert _run(qtbot, widget) == "done", widget.status_label.text()
+    print(f"run 1: {time.perf_counter() - t0:.1f} s")
     [first] = _labels_layers(viewer)
     assert first.name == "CDPDNet: liver, left_kidney"
     assert first.metadata["geometry"].same_grid(geometry)
@@ -253,7 +255,9 @@ def test_run_cancel_edit_rerun_merge_and_pick(make_napari_viewer, qtbot, shared_
                 widget.cancel_button.click()
 
     widget.progressed.connect(cancel_after_first_window)
+    t0 = time.perf_counter()
     assert _run(qtbot, widget) == "cancelled"
+    print(f"cancelled run: {time.perf_counter() - t0:.1f} s, progress {seen}")
     widget.progressed.disconnect(cancel_after_first_window)
     assert seen and max(d for d, _ in seen) < seen[-1][1]  # stopped midway
     assert _labels_layers(viewer) == [first]
@@ -270,17 +274,20 @@ def test_run_cancel_edit_rerun_merge_and_pick(make_napari_viewer, qtbot, shared_
     assert (painted == SPLEEN).any() and first.metadata["cdpdnet"]["edited"] is True
 
     z = geometry.shape[0] // 2
-    corners_idx = np.array([[z, 30, 30], [z, 30, 80], [z, 75, 80], [z, 75, 30]], float)
-    viewer.add_shapes([image.data_to_world(c) for c in corners_idx], shape_type="rectangle", name="box")
+    corners_idx = np.array([[z, 40, 50], [z, 40, 70], [z, 60, 70], [z, 60, 50]], float)
+    box = np.array([image.data_to_world(c) for c in corners_idx], dtype=float)
+    viewer.add_shapes(box, shape_type="rectangle", name="box")
     viewer.layers.selection.active = image
     widget.box_check.setChecked(True)
+    t0 = time.perf_counter()
     assert _run(qtbot, widget) == "done", widget.status_label.text()
+    print(f"box run: {time.perf_counter() - t0:.1f} s")
     first_again, second = _labels_layers(viewer)
     assert first_again is first and second.name == "CDPDNet: liver, left_kidney #2"
     np.testing.assert_array_equal(first.data, painted)
     assert second.metadata["cdpdnet"]["run"] == 2
     outside = np.ones(geometry.shape, bool)
-    outside[:, 29:77, 29:82] = False
+    outside[:, 39:62, 49:72] = False
     assert not second.data[outside].any()  # the box limited the run (x, y; z spans the image)
 
     # ---- explicit merge of a box-limited run into the painted layer: fills background only
@@ -303,10 +310,9 @@ def test_run_cancel_edit_rerun_merge_and_pick(make_napari_viewer, qtbot, shared_
     target.data[target.data == LIVER] = 0  # the user removed the liver...
     target.refresh()
     widget.pick_button.setChecked(True)
-    from napari.utils.interactions import mouse_press_callbacks
-
+    [on_click] = [cb for cb in viewer.mouse_drag_callbacks if cb == widget._on_mouse]
     t0 = time.perf_counter()
-    mouse_press_callbacks(viewer, MouseEvent(type="mouse_press", position=tuple(image.data_to_world(click)), button=1))
+    on_click(viewer, MouseEvent(type="mouse_press", position=tuple(image.data_to_world(click)), button=1))
     assert time.perf_counter() - t0 < 5  # instant: no model run
     assert target.data[tuple(click)] == LIVER and target.selected_label == LIVER
     assert "added Liver" in widget.status_label.text()
