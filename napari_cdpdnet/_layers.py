@@ -277,7 +277,7 @@ class ProbabilityCache:
         maps = {}
         for s, p in probabilities.items():
             q = np.empty(np.shape(p), dtype=np.uint8)
-            np.multiply(p, 255.0, out=q, casting="unsafe")  # p in [0, 1]; truncation is fine
+            np.multiply(p, 255.0, out=q, casting="unsafe")  # p in [0, 1]; truncates
             maps[int(s)] = q
         return cls(geometry, maps, layer_name)
 
@@ -286,7 +286,8 @@ class ProbabilityCache:
         return sum(m.nbytes for m in self.maps.values())
 
 
-#: 0.5 on the uint8 scale: p > 0.5 <=> int(p * 255) >= 128 (p * 255 > 127.5).
+#: 0.5 on the truncated uint8 scale: int(p * 255) >= 128 means p >= 128/255 (0.502), i.e. the
+#: run's p > 0.5 up to the quantisation step.
 _HALF = 128
 
 

@@ -163,8 +163,10 @@ class SegmentationWidget(QWidget):
         self.probability_cache: dict[str, _layers.ProbabilityCache] = {}
         self._weights_check = 0
         # Workers report after the dock may have been closed: their callbacks check this first.
+        # Closing the dock also cancels a running segmentation (nothing would show its result).
         self._alive = alive = {"yes": True}
-        self.destroyed.connect(lambda *_a: alive.update(yes=False))
+        cancel = self._cancel
+        self.destroyed.connect(lambda *_a: (alive.update(yes=False), cancel.set()))
         self._build()
         self._connect_viewer()
         self.refresh_layers()
@@ -315,6 +317,8 @@ class SegmentationWidget(QWidget):
         """Refill the image chooser (keeping the choice) and the merge targets."""
         from napari.layers import Image
 
+        for lyr in self.viewer.layers:  # renamed layers must show up renamed (connect is idempotent)
+            lyr.events.name.connect(self.refresh_layers)
         current = self.image_combo.currentText()
         names = [lyr.name for lyr in self.viewer.layers if isinstance(lyr, Image)]
         self.image_combo.blockSignals(True)
@@ -637,6 +641,9 @@ class SegmentationWidget(QWidget):
         )
         layer = self.viewer.add_labels(data, **kwargs)
         self._trackers[id(layer)] = _layers.EditTracker(layer)
+        found = [s.index for s in ctx.structures if output.result.structures.get(s.index)]
+        if found:
+            layer.selected_label = found[0]  # ready to correct the first structure
         return layer, int(np.count_nonzero(data))
 
     def _on_error(self, exc: BaseException) -> None:

@@ -346,6 +346,14 @@ def test_unknown_structure_is_a_notification_not_a_traceback(make_napari_viewer,
     widget.box_check.setChecked(True)  # ... but no rectangle anywhere
     widget.run_button.click()
     assert "no Shapes layer holds a rectangle" in notes["error"][-1] and not widget.is_running
+    image = viewer.layers[0]
+    image.name = "renamed CT"
+    assert widget.image_combo.currentText() == "renamed CT"
+    viewer.add_image(np.zeros((3, 4, 5)), name="no geometry")
+    widget.image_combo.setCurrentText("no geometry")
+    widget.box_check.setChecked(False)
+    widget.run_button.click()
+    assert "no patient geometry" in notes["error"][-1]
 
 
 @pytest.mark.gui
