@@ -49,7 +49,7 @@ from napari_cdpdnet import _layers  # noqa: E402
 from napari_cdpdnet.errors import Cancelled, CdpdnetError, InputError  # noqa: E402
 from napari_cdpdnet.geometry import Geometry  # noqa: E402
 from napari_cdpdnet.pipeline import PRESETS, ProgressEvent, SegmentationSettings  # noqa: E402
-from napari_cdpdnet.segmenter import Segmenter, SegmentationOutput, parse_request  # noqa: E402
+from napari_cdpdnet.segmenter import SegmentationOutput, Segmenter, parse_request  # noqa: E402
 from napari_cdpdnet.vocabulary import (  # noqa: E402
     FIXED_CONDITIONING_NOTE,
     GROUPS,
@@ -60,7 +60,7 @@ from napari_cdpdnet.vocabulary import (  # noqa: E402
 
 if TYPE_CHECKING:  # pragma: no cover
     import napari
-    from napari.layers import Image, Labels
+    from napari.layers import Image
 
 __all__ = ["SegmentationWidget", "completion_terms", "available_devices"]
 
@@ -352,7 +352,7 @@ class SegmentationWidget(QWidget):
         self.merge_combo.blockSignals(False)
 
     def _layer(self, name: str) -> Any:
-        return self.viewer.layers[name] if name in self.viewer.layers else None
+        return self.viewer.layers[name] if name in self.viewer.layers else None  # noqa: SIM401
 
     def image_layer(self) -> Image:
         """The chosen image layer.

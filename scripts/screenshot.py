@@ -65,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
 
     block_triton_without_cuda()
     import napari
+    from model_support import write_tiny_weights
     from qtpy.QtCore import QEventLoop, QTimer
 
-    from model_support import write_tiny_weights
     from napari_cdpdnet._widget import SegmentationWidget
     from napari_cdpdnet.segmenter import Segmenter
 
