@@ -66,6 +66,10 @@ __all__ = ["SegmentationWidget", "completion_terms", "available_devices"]
 
 logger = logging.getLogger(__name__)
 
+#: Largest float32 probability maps (bytes, source grid, all requested structures) a run keeps
+#: for point and click; beyond it the run skips them (a 512x512x600 CT is 0.6 GB per structure).
+PROBABILITY_BUDGET = 1_500_000_000
+
 _GROUP_TITLES = {"organ": "Organs", "vessel": "Vessels", "tumour": "Tumours and cysts"}
 _NEW_LAYER = "New layer"
 
@@ -487,14 +491,16 @@ class SegmentationWidget(QWidget):
     def is_running(self) -> bool:
         return self._worker is not None
 
-    def settings(self, image: Any) -> SegmentationSettings:
-        """Settings from the controls (always keeping probabilities for point and click)."""
+    def settings(self, image: Any, n_structures: int = 1) -> SegmentationSettings:
+        """Settings from the controls; probabilities are kept for point and click when they fit
+        in :data:`PROBABILITY_BUDGET`."""
         roi = self.roi_from_shapes(image) if self.box_check.isChecked() else None
+        voxels = int(np.prod(image.metadata["geometry"].shape))
         return SegmentationSettings(
             preset=self.preset_combo.currentText(),
             device=self.device_combo.currentText(),
             roi=roi,
-            return_probabilities=True,
+            return_probabilities=voxels * 4 * max(1, n_structures) <= PROBABILITY_BUDGET,
         )
 
     def run(self) -> Any:
@@ -509,7 +515,7 @@ class SegmentationWidget(QWidget):
         try:
             image = self.image_layer()
             structures = self.resolve_request()
-            settings = self.settings(image)
+            settings = self.settings(image, len(structures))
             from napari_cdpdnet.pipeline import resolve_device
 
             resolve_device(settings.device)
@@ -600,12 +606,17 @@ class SegmentationWidget(QWidget):
         if out.probabilities is not None:
             out.probabilities.layer_name = layer.name
             self.probability_cache[ctx.image_layer] = out.probabilities
+        else:  # too large to keep: an older cache would point at another run's structures
+            self.probability_cache.pop(ctx.image_layer, None)
         found = output.result.structures
         summary = ", ".join(
             f"{s.name} {found.get(s.index, 0):,} voxels" for s in ctx.structures
         )
         where = f"merged {added:,} voxels into {layer.name!r}" if ctx.merge_into else f"added {layer.name!r}"
-        self.status_label.setText(f"Done in {_duration(output.seconds)}: {where}. {summary}.")
+        extra = "" if out.probabilities is not None else (
+            " Probabilities were too large to keep: pick by click needs a smaller request or image."
+        )
+        self.status_label.setText(f"Done in {_duration(output.seconds)}: {where}. {summary}.{extra}")
         for note in output.notes:
             show_warning(note)
         self._last_status = "merged" if ctx.merge_into else "done"

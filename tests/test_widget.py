@@ -333,7 +333,9 @@ def test_run_cancel_edit_rerun_merge_and_pick(make_napari_viewer, qtbot, shared_
 @pytest.mark.gui
 @pytest.mark.shared
 @needs_display
-def test_unknown_structure_is_a_notification_not_a_traceback(make_napari_viewer, qtbot, shared_path, segmenter, notes) -> None:
+def test_unknown_structure_is_a_notification_not_a_traceback(
+    make_napari_viewer, qtbot, shared_path, segmenter, notes, monkeypatch
+) -> None:
     viewer = make_napari_viewer()
     _open_ct(viewer, shared_path)
     widget = _widget(viewer, qtbot, segmenter)
@@ -353,11 +355,14 @@ def test_unknown_structure_is_a_notification_not_a_traceback(make_napari_viewer,
     widget.run_button.click()
     assert "no Shapes layer holds a rectangle" in notes["error"][-1] and not widget.is_running
     image = viewer.layers[0]
+    widget.box_check.setChecked(False)
+    assert widget.settings(image, 2).return_probabilities  # 1.4 M voxels: kept for clicks
+    monkeypatch.setattr("napari_cdpdnet._widget.PROBABILITY_BUDGET", image.data.size * 4 * 2 - 1)
+    assert widget.settings(image, 1).return_probabilities and not widget.settings(image, 2).return_probabilities
     image.name = "renamed CT"
     assert widget.image_combo.currentText() == "renamed CT"
     viewer.add_image(np.zeros((3, 4, 5)), name="no geometry")
     widget.image_combo.setCurrentText("no geometry")
-    widget.box_check.setChecked(False)
     widget.run_button.click()
     assert "no patient geometry" in notes["error"][-1]
 
