@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any  # noqa: E402
 import numpy as np  # noqa: E402
 from napari.qt.threading import create_worker  # noqa: E402
 from napari.utils.notifications import show_error, show_info, show_warning  # noqa: E402
-from qtpy.QtCore import QStringListModel, Qt, QTimer, Signal  # noqa: E402
+from qtpy.QtCore import QEvent, QStringListModel, Qt, QTimer, Signal  # noqa: E402
 from qtpy.QtWidgets import (  # noqa: E402
     QCheckBox,
     QComboBox,
@@ -170,7 +170,15 @@ class SegmentationWidget(QWidget):
         # Closing the dock also cancels a running segmentation (nothing would show its result).
         self._alive = alive = {"yes": True}
         cancel = self._cancel
-        self.destroyed.connect(lambda *_a: (alive.update(yes=False), cancel.set()))
+        callbacks, on_mouse = self.viewer.mouse_drag_callbacks, self._on_mouse
+
+        def closed(*_a: Any) -> None:
+            alive.update(yes=False)
+            cancel.set()
+            if on_mouse in callbacks:
+                callbacks.remove(on_mouse)
+
+        self.destroyed.connect(closed)
         self._build()
         self._connect_viewer()
         self.refresh_layers()
@@ -316,11 +324,20 @@ class SegmentationWidget(QWidget):
         events.removed.connect(self.refresh_layers)
         events.moved.connect(self.refresh_layers)
 
+    def event(self, e: QEvent) -> bool:  # noqa: N802 - Qt override
+        """napari closes a dock by un-parenting the widget: stop a run and picking then."""
+        if e.type() == QEvent.Type.ParentChange and self.parent() is None:
+            self.cancel()
+            self.pick_button.setChecked(False)
+        return super().event(e)
+
     # ------------------------------------------------------------------ layers
     def refresh_layers(self, event: Any = None) -> None:
         """Refill the image chooser (keeping the choice) and the merge targets."""
         from napari.layers import Image
 
+        if not self._alive["yes"]:  # viewer events can outlive a closed dock
+            return
         for lyr in self.viewer.layers:  # renamed layers must show up renamed (connect is idempotent)
             lyr.events.name.connect(self.refresh_layers)
         current = self.image_combo.currentText()
@@ -689,6 +706,8 @@ class SegmentationWidget(QWidget):
             callbacks.remove(self._on_mouse)
 
     def _on_mouse(self, viewer: Any, event: Any) -> None:
+        if not self._alive["yes"]:
+            return
         if getattr(event, "type", "mouse_press") != "mouse_press":
             return
         if getattr(event, "button", 1) not in (1, None):

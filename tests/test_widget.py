@@ -426,3 +426,21 @@ def test_manifest_docks_the_widget(make_napari_viewer, qtbot, monkeypatch, tmp_p
     _dock, widget = viewer.window.add_plugin_dock_widget("napari-cdpdnet", "CDPDNet segmentation")
     assert isinstance(widget, SegmentationWidget)
     qtbot.waitUntil(lambda: "checking" not in widget.weights_label.text(), timeout=30_000)
+
+
+@pytest.mark.gui
+@needs_display
+def test_closing_the_dock_detaches_the_widget(make_napari_viewer, qtbot, segmenter) -> None:
+    viewer = make_napari_viewer()
+    image = viewer.add_image(np.zeros((3, 4, 5)), name="ct")
+    widget = _widget(viewer, qtbot, segmenter)
+    widget.pick_button.setChecked(True)
+    assert widget._on_mouse in viewer.mouse_drag_callbacks
+    viewer.window.remove_dock_widget(widget)
+    assert not widget.pick_button.isChecked()
+    assert widget._on_mouse not in viewer.mouse_drag_callbacks
+    widget.deleteLater()
+    qtbot.waitUntil(lambda: not widget._alive["yes"], timeout=5000)
+    assert widget._cancel.is_set()
+    image.name = "renamed"  # viewer events no longer reach the deleted widget
+    viewer.add_image(np.zeros((3, 4, 5)), name="another")
