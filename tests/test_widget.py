@@ -412,6 +412,33 @@ def test_weights_folder_and_offline_download(make_napari_viewer, qtbot, weights,
     assert notes["error"] and "cdpdnet.pth" in notes["error"][-1]
     assert "Traceback" not in notes["error"][-1]
 
+    # online (a fake hub serving the tiny files): progress reaches the bar, then the cache is used
+    (tmp_path / "config.json").write_text('{"model_type": "dinov2"}')
+    served = {"cdpdnet.pth": weights[0], "model.safetensors": weights[1], "config.json": tmp_path / "config.json"}
+
+    def fake_hub(repo_id: str, filename: str, revision: str, dest: Path, progress) -> None:
+        data = served[filename].read_bytes()
+        with open(dest, "wb") as fh:
+            for i in range(0, len(data), 1 << 16):
+                fh.write(data[i:i + (1 << 16)])
+                if progress:
+                    progress(min(i + (1 << 16), len(data)), len(data), filename)
+        return None
+
+    monkeypatch.setattr("napari_cdpdnet.weights.downloads_disabled", lambda: None)  # "online"
+    monkeypatch.setattr("napari_cdpdnet.weights.hf_downloader", fake_hub)
+    progress: list[tuple[int, int, str]] = []
+    widget.download_progressed.connect(lambda d, t, n: progress.append((d, t, n)))
+    errors_before = len(notes["error"])
+    widget.download_weights()
+    qtbot.waitUntil(lambda: widget.run_button.isEnabled(), timeout=30_000)
+    qtbot.waitUntil(lambda: "checking" not in widget.weights_label.text(), timeout=30_000)
+    assert len(notes["error"]) == errors_before, notes["error"][errors_before:]
+    assert {n for _, _, n in progress} == set(served)
+    assert progress[-1][0] == progress[-1][1]  # the last file finished
+    assert widget.weights_label.text() == "Weights: ready (cache)."
+    assert (tmp_path / "cache" / "weights" / "cdpdnet" / "cdpdnet.pth").is_file()
+
 
 @pytest.mark.gui
 @needs_display
