@@ -699,7 +699,12 @@ class SegmentationWidget(QWidget):
 
     # ------------------------------------------------------------------ point and click
     def _set_pick_mode(self, on: bool) -> None:
+        from napari.layers import Labels
+
         callbacks = self.viewer.mouse_drag_callbacks
+        active = self.viewer.layers.selection.active
+        if on and isinstance(active, Labels) and active.mode != "pan_zoom":
+            active.mode = "pan_zoom"  # a pick click must not also paint
         if on and self._on_mouse not in callbacks:
             callbacks.append(self._on_mouse)
         elif not on and self._on_mouse in callbacks:

@@ -315,7 +315,10 @@ def test_run_cancel_edit_rerun_merge_and_pick(make_napari_viewer, qtbot, shared_
     click = liver_voxels[len(liver_voxels) // 2]
     target.data[target.data == LIVER] = 0  # the user removed the liver...
     target.refresh()
+    viewer.layers.selection.active = target
+    target.mode = "paint"
     widget.pick_button.setChecked(True)
+    assert target.mode == "pan_zoom"  # picking does not paint as well
     [on_click] = [cb for cb in viewer.mouse_drag_callbacks if cb == widget._on_mouse]
     t0 = time.perf_counter()
     on_click(viewer, MouseEvent(type="mouse_press", position=tuple(image.data_to_world(click)), button=1))
