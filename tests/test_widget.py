@@ -451,7 +451,7 @@ def test_manifest_docks_the_widget(make_napari_viewer, qtbot, monkeypatch, tmp_p
     monkeypatch.setenv("CDPDNET_CACHE_DIR", str(tmp_path / "cache"))
     pm = _register_manifest()
     widgets = pm.get_manifest("napari-cdpdnet").contributions.widgets
-    assert [w.display_name for w in widgets] == ["CDPDNet segmentation"]
+    assert "CDPDNet segmentation" in [w.display_name for w in widgets]
     viewer = make_napari_viewer()
     _dock, widget = viewer.window.add_plugin_dock_widget("napari-cdpdnet", "CDPDNet segmentation")
     assert isinstance(widget, SegmentationWidget)
