@@ -26,11 +26,11 @@ from napari_cdpdnet.roi.fallback import ROI, Ranking, crop_around, crop_geometry
 from napari_cdpdnet.vocabulary import STRUCTURES, Structure
 
 if TYPE_CHECKING:  # pragma: no cover
-    from napari_cdpdnet.pipeline import ProgressEvent, SegmentationSettings
+    from napari_cdpdnet.pipeline import ProgressEvent, SegmentationResult, SegmentationSettings
     from napari_cdpdnet.roi.mapper import RoiMapper
     from napari_cdpdnet.segmenter import Segmenter
 
-__all__ = ["ExampleResult", "rank_roi", "segment_by_example", "DEFAULT_CONTEXT_MM"]
+__all__ = ["ExampleResult", "run_all_structures", "rank_roi", "segment_by_example", "DEFAULT_CONTEXT_MM"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,30 @@ class ExampleResult:
     seconds: float = 0.0
 
 
+def run_all_structures(
+    segmenter: Segmenter,
+    array: np.ndarray,
+    geometry: Geometry,
+    settings: SegmentationSettings | None = None,
+    *,
+    progress: Callable[[ProgressEvent], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> SegmentationResult:
+    """All 32 structures with probabilities, each from a task pass trained on it (7 passes).
+
+    Calls the pipeline directly rather than ``Segmenter.segment``, which would warn about every
+    structure absent from a small crop.
+    """
+    from napari_cdpdnet.pipeline import SegmentationSettings, resolve_device, segment_array
+    from napari_cdpdnet.vocabulary import plan_passes
+
+    settings = replace(settings or SegmentationSettings(), return_probabilities=True)
+    plan = plan_passes(STRUCTURES)
+    passes = [(q.task.id, sorted(s.channel for s in q.structures)) for q in plan.passes]
+    model = segmenter.model(resolve_device(settings.device))
+    return segment_array(array, geometry, passes, model, settings, progress=progress, should_stop=should_stop)
+
+
 def rank_roi(
     segmenter: Segmenter,
     array: np.ndarray,
@@ -85,20 +109,11 @@ def rank_roi(
     sub_geom = crop_geometry(geometry, crop)
     sub_roi = roi.shifted([s.start for s in crop])
     if mapper is not None and not mapper.uses_model_features:
-        return mapper.rank(sub_roi, sub, sub_geom), None, crop
-    # All 32 structures, each from a task pass trained on it (7 passes); segment_array directly,
-    # not Segmenter.segment, which would warn about every structure absent from the crop.
-    from napari_cdpdnet.pipeline import resolve_device, segment_array
-    from napari_cdpdnet.vocabulary import plan_passes
-
-    plan = plan_passes(STRUCTURES)
-    passes = [(q.task.id, sorted(s.channel for s in q.structures)) for q in plan.passes]
-    model = segmenter.model(resolve_device(settings.device))
-    result = segment_array(sub, sub_geom, passes, model, replace(settings, return_probabilities=True),
-                           progress=progress, should_stop=should_stop)
+        return mapper.rank(roi, array, geometry), None, crop
+    result = run_all_structures(segmenter, sub, sub_geom, settings, progress=progress, should_stop=should_stop)
     probs = result.probabilities or {}
     if mapper is not None:
-        ranking = mapper.rank(sub_roi, sub, sub_geom, probabilities=probs)
+        ranking = mapper.rank(roi, array, geometry, probabilities=probs, probability_roi=sub_roi)
     else:
         ranking = rank_by_probability(probs, sub_roi)
     return ranking, result.labels, crop
