@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from roi_support import flipped, oblique, rotation
 
 from napari_cdpdnet.geometry import Geometry
 from napari_cdpdnet.roi.attributes import (
@@ -18,7 +19,6 @@ from napari_cdpdnet.roi.attributes import (
 )
 from napari_cdpdnet.roi.labelmaps import TOTALSEGMENTATOR_TOTAL, parse_mapping, remap
 from napari_cdpdnet.vocabulary import STRUCTURES
-from roi_support import flipped, oblique, rotation
 
 # Structures of the example scan checked on every grid: (CDPDNet key, expected side, level).
 CHECKED = [
@@ -175,3 +175,19 @@ def test_mappings() -> None:
     assert parse_mapping("TotalSegmentator") == TOTALSEGMENTATOR_TOTAL
     with pytest.raises(Exception, match="outside 1..32"):
         remap(labels, None)
+
+
+def test_roi_core_is_headless_and_light() -> None:
+    """The ROI core never imports napari or Qt, and loads torch only when a model is used."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import napari_cdpdnet.roi.attributes, napari_cdpdnet.roi.fallback, napari_cdpdnet.roi.mapper\n"
+        "import napari_cdpdnet.roi.example, napari_cdpdnet.commands.segment_by_example\n"
+        "import napari_cdpdnet.commands.train_roi_prompts\n"
+        "heavy = [m for m in ('torch', 'napari', 'qtpy', 'PyQt6', 'open_clip') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from roi_support import flipped
 
 from napari_cdpdnet.errors import InputError
 from napari_cdpdnet.geometry import Geometry
@@ -17,7 +18,6 @@ from napari_cdpdnet.roi.fallback import (
     rank_by_probability,
     restrict,
 )
-from roi_support import flipped
 
 
 def _maps(shape=(20, 30, 40)) -> dict[int, np.ndarray]:
@@ -130,6 +130,7 @@ def test_crop_around_and_crop_geometry() -> None:
 def tiny(tmp_path_factory: pytest.TempPathFactory, shared_path) -> dict[str, Path]:
     """Tiny official-format weights and a small real CT crop (one model window per pass)."""
     from model_support import write_tiny_weights
+
     from napari_cdpdnet.io import read_ct, write_image
 
     folder = tmp_path_factory.mktemp("roi-cli")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from roi_support import flipped
 
 from napari_cdpdnet.errors import InputError, OutputExistsError, WeightsError
 from napari_cdpdnet.geometry import Geometry
@@ -25,7 +26,6 @@ from napari_cdpdnet.roi.mapper import (
     train_mapper,
     training_set,
 )
-from roi_support import flipped
 
 
 def _tiny512():
@@ -107,6 +107,7 @@ def test_mapper_file_errors(tmp_path: Path) -> None:
 
 def test_teacher_from_tiny_checkpoint_and_official_file(tmp_path: Path, shared_path) -> None:
     from model_support import write_tiny_weights
+
     from napari_cdpdnet.resolver import load_organ_embedding
 
     small, _, _ = write_tiny_weights(tmp_path / "small")  # 32-dim text: not a CLIP teacher
@@ -192,6 +193,7 @@ def test_real_scan_held_out_halves(shared_path) -> None:
 @pytest.mark.shared
 def test_cli_train_then_segment_by_example(tmp_path: Path, shared_path, capsys) -> None:
     from model_support import write_tiny_weights
+
     from napari_cdpdnet.cli import main
     from napari_cdpdnet.io import read_ct, read_label_map, write_image
     from napari_cdpdnet.roi.fallback import crop_geometry

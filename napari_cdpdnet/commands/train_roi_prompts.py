@@ -57,7 +57,13 @@ def run(args: argparse.Namespace) -> int:
     from napari_cdpdnet.fileutil import check_writable
     from napari_cdpdnet.io import read_ct, read_label_map
     from napari_cdpdnet.roi.labelmaps import parse_mapping, remap
-    from napari_cdpdnet.roi.mapper import TrainingConfig, load_teacher, sample_rois, train_mapper, training_set
+    from napari_cdpdnet.roi.mapper import (
+        TrainingConfig,
+        load_teacher,
+        sample_rois,
+        train_mapper,
+        training_set,
+    )
 
     if len(args.ct) != len(args.labels):
         raise InputError(f"{len(args.ct)} --ct but {len(args.labels)} --labels: give one label map per CT")

@@ -22,7 +22,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from napari_cdpdnet.geometry import Geometry
-from napari_cdpdnet.roi.fallback import ROI, Ranking, crop_around, crop_geometry, rank_by_probability, restrict
+from napari_cdpdnet.roi.fallback import (
+    ROI,
+    Ranking,
+    crop_around,
+    crop_geometry,
+    rank_by_probability,
+    restrict,
+)
 from napari_cdpdnet.vocabulary import STRUCTURES, Structure
 
 if TYPE_CHECKING:  # pragma: no cover
