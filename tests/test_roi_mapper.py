@@ -227,3 +227,44 @@ def test_cli_train_then_segment_by_example(tmp_path: Path, shared_path, capsys) 
     assert f"method: {MAPPER_METHOD}" in text and text.count("confidence") == 3
     labels, _ = read_label_map(res)
     assert len(np.unique(labels)) <= 2
+
+
+def test_teacher_ensemble_with_attribute_sentences() -> None:
+    from napari_cdpdnet.roi.mapper import card_sentences, ensemble_teacher
+
+    teacher = _teacher()
+    sentences = card_sentences()
+    assert len(sentences) == 32 and sentences[0][0].startswith("A computerized tomography of a spleen")
+    seen: list[str] = []
+    rng = np.random.default_rng(3)
+    table: dict[str, np.ndarray] = {}
+
+    def encode(texts: list[str]) -> np.ndarray:  # a deterministic fake text tower
+        seen.extend(texts)
+        return np.stack([table.setdefault(t, rng.normal(size=512)) for t in texts])
+
+    assert np.allclose(ensemble_teacher(teacher, encode, weight=0.0), teacher, atol=1e-5)
+    mixed = ensemble_teacher(teacher, encode, weight=0.5)
+    assert mixed.shape == teacher.shape
+    np.testing.assert_allclose(np.linalg.norm(mixed, axis=1), np.linalg.norm(teacher, axis=1), rtol=1e-5)
+    unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)  # noqa: E731
+    sent = unit(np.stack([table[s[0]] for s in sentences]))
+    # Every blended embedding moved towards its own sentence, and stays closest to its own prompt.
+    assert np.all(np.sum(unit(mixed) * sent, axis=1) > np.sum(unit(teacher) * sent, axis=1))
+    assert np.all(np.argmax(unit(mixed) @ unit(teacher).T, axis=1) == np.arange(32))
+    assert set(seen) == {s[0] for s in sentences}
+    with pytest.raises(InputError):
+        ensemble_teacher(teacher, encode, weight=1.5)
+
+
+def test_cli_ensemble_without_clip_weights_fails_clearly(tmp_path: Path, shared_path, capsys) -> None:
+    from napari_cdpdnet.cli import main
+
+    seg = shared_path("data", "totalsegmentator", "example_seg_full.nii.gz")
+    ct = shared_path("data", "totalsegmentator", "example_ct.nii.gz")
+    teacher = shared_path("cdpdnet", "text_embeddings", "txt_encoding.pth")
+    code = main(["train-roi-prompts", "--ct", str(ct), "--labels", str(seg), "--map", "totalsegmentator",
+                 "--teacher", str(teacher), "--clip-weights", str(tmp_path / "none.safetensors"),
+                 "--offline", "-o", str(tmp_path / "m.pt")])
+    assert code == 4 and "none.safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "m.pt").exists()

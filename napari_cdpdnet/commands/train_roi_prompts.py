@@ -37,6 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="mapper weights file (.pt)")
     p.add_argument("--teacher", type=Path,
                    help="organ embeddings: a CDPDNet checkpoint or txt_encoding.pth (default: the checkpoint)")
+    p.add_argument("--clip-weights", type=Path, nargs="?", const=Path(""), default=None, metavar="FILE",
+                   help="ensemble the teacher with attribute sentences encoded by CLIP ViT-B/32 "
+                        "(open_clip weights file; without FILE: the weights folder/cache)")
+    p.add_argument("--ensemble-weight", type=float, default=0.5,
+                   help="weight of the attribute sentences in the teacher ensemble (default 0.5)")
     p.add_argument("--with-model", action="store_true",
                    help="add pooled CDPDNet probabilities to the features (runs the model on every CT)")
     p.add_argument("--per-kind", type=int, default=12, help="ROIs per structure and kind (default 12)")
@@ -83,6 +88,13 @@ def run(args: argparse.Namespace) -> int:
         ckpt = resolve_checkpoint(args.checkpoint, allow_download=not args.offline)
         teacher = load_teacher(ckpt)
         teacher_source = str(ckpt)
+    if args.clip_weights is not None:
+        from napari_cdpdnet.roi.mapper import clip_text_encoder, ensemble_teacher
+
+        encode = clip_text_encoder(args.clip_weights if str(args.clip_weights) else None,
+                                   allow_download=not args.offline)
+        teacher = ensemble_teacher(teacher, encode, weight=args.ensemble_weight)
+        teacher_source += f" + CLIP attribute sentences (weight {args.ensemble_weight:g})"
     segmenter = None
     if args.with_model:
         from napari_cdpdnet.segmenter import Segmenter

@@ -51,6 +51,9 @@ __all__ = [
     "roi_region",
     "roi_features",
     "load_teacher",
+    "card_sentences",
+    "ensemble_teacher",
+    "clip_text_encoder",
     "sample_rois",
     "split_halves",
     "training_set",
@@ -174,6 +177,71 @@ def load_teacher(path: str | Path) -> np.ndarray:
             raise WeightsError(f"{path}: tensor of shape {tuple(obj.shape)}, expected (32, 512)")
         return np.ascontiguousarray(emb, dtype=np.float32)
     return load_organ_embedding(path)
+
+
+def card_sentences() -> list[list[str]]:
+    """Attribute sentences per structure (from its card) for the teacher ensemble."""
+    from napari_cdpdnet.roi.attributes import attribute_card, attribute_sentence
+
+    return [[attribute_sentence(attribute_card(s.index))] for s in STRUCTURES]
+
+
+def ensemble_teacher(
+    teacher: np.ndarray,
+    encode: Callable[[list[str]], np.ndarray],
+    *,
+    sentences: Sequence[Sequence[str]] | None = None,
+    weight: float = 0.5,
+) -> np.ndarray:
+    """Organ embeddings blended with the same CLIP text tower's embedding of attribute sentences.
+
+    ``out_s = |t_s| · unit((1 − weight) · unit(t_s) + weight · unit(mean_i unit(encode(sentence_si))))``:
+    the structure's official prompt stays the anchor, the attribute sentences pull it towards how
+    the structure looks. ``encode`` maps texts to [n, D] embeddings (see :func:`clip_text_encoder`).
+    """
+    if not 0.0 <= weight <= 1.0:
+        raise InputError(f"ensemble weight {weight}: must be within 0..1")
+    teacher = np.asarray(teacher, dtype=np.float32)
+    sentences = sentences if sentences is not None else card_sentences()
+    if len(sentences) != len(teacher):
+        raise InputError(f"{len(sentences)} sentence lists for {len(teacher)} structures")
+
+    def unit(v: np.ndarray) -> np.ndarray:
+        return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+
+    out = np.empty_like(teacher)
+    for i, (t, texts) in enumerate(zip(teacher, sentences, strict=True)):
+        e = np.asarray(encode(list(texts)), dtype=np.float32)
+        if e.ndim != 2 or e.shape[1] != teacher.shape[1]:
+            raise InputError(f"text encoder returned shape {e.shape}, expected (n, {teacher.shape[1]})")
+        blend = (1.0 - weight) * unit(t) + weight * unit(unit(e).mean(axis=0))
+        out[i] = np.linalg.norm(t) * unit(blend)
+    return out
+
+
+def clip_text_encoder(clip_weights: str | Path | None = None, *, allow_download: bool = False) -> Callable[[list[str]], np.ndarray]:
+    """open_clip ViT-B/32 text tower (the one the organ embeddings came from) as ``encode(texts)``.
+
+    Raises:
+        WeightsError: the CLIP weights are not available (offline and not in the weights folder).
+    """
+    import open_clip
+    import torch
+
+    from napari_cdpdnet.weights import resolve_clip
+
+    path = resolve_clip(clip_weights, allow_download=allow_download)
+    try:
+        model = open_clip.create_model("ViT-B-32", pretrained=str(path), force_quick_gelu=True).eval()
+    except Exception as exc:  # noqa: BLE001
+        raise WeightsError(f"{path}: not usable as open_clip ViT-B-32 weights ({exc})") from exc
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+
+    def encode(texts: list[str]) -> np.ndarray:
+        with torch.inference_mode():
+            return model.encode_text(tokenizer(texts)).float().numpy()
+
+    return encode
 
 
 # --------------------------------------------------------------------------- sampling
