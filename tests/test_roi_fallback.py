@@ -184,3 +184,53 @@ def test_cli_refuses_before_compute(tiny, tmp_path: Path, capsys) -> None:
     assert "outside the image" in capsys.readouterr().err
     assert _run(tiny, "--click", "1", "1", "1", "-o", str(tmp_path / "o.txt")) == 2
     assert not (tmp_path / "o.nii.gz").exists()
+
+
+class _IntensityOracle:
+    """A stand-in network whose outputs follow the windowed intensity (0 = −175 HU, 1 = 250 HU):
+    air → lung tumour (a channel without largest-component post-processing, so the lung is not
+    dropped in favour of the outside air), soft tissue → liver, bone → right femoral head. It makes
+    the whole chain (crop, resampling to 1.5 mm, windows, inversion, ROI lookup) checkable on a
+    real CT."""
+
+    def __new__(cls):
+        import torch
+
+        class Oracle(torch.nn.Module):
+            def forward(self, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+                out = torch.full((x.shape[0], 32, *x.shape[2:]), -10.0)
+                v = x[:, 0]
+                out[:, 29] = torch.where(v < 0.05, 10.0, -10.0)  # lung tumour (30)
+                out[:, 5] = torch.where((v > 0.4) & (v < 0.7), 10.0, -10.0)  # liver (6)
+                out[:, 23] = torch.where(v > 0.95, 10.0, -10.0)  # right femoral head (24)
+                return out
+
+        return Oracle()
+
+
+@pytest.mark.shared
+def test_fallback_chain_lines_up_on_a_real_ct(shared_path) -> None:
+    """Clicks in lung and liver of the real scan find the oracle's air and soft-tissue channels,
+    on the scan's own grid and on a flipped grid of the same patient."""
+    from napari_cdpdnet.io import read_ct, read_label_map
+    from napari_cdpdnet.pipeline import SegmentationSettings
+    from napari_cdpdnet.roi.example import segment_by_example
+    from napari_cdpdnet.segmenter import Segmenter
+
+    ct = read_ct(shared_path("data", "totalsegmentator", "example_ct_sm.nii.gz"))
+    seg, _ = read_label_map(shared_path("data", "totalsegmentator", "example_seg.nii.gz"))
+    lung = np.argwhere(seg == 14)
+    lung_voxel = lung[np.argmin(ct.array[tuple(lung.T)])]  # the darkest lower-left-lobe voxel
+    liver = np.argwhere((seg == 5) & (np.abs(ct.array - 50) < 20))
+    liver_voxel = liver[len(liver) // 2]
+    segmenter = Segmenter(module=_IntensityOracle())
+    settings = SegmentationSettings(preset="fast", device="cpu")
+    fct, fg = flipped(ct.array, ct.geometry, (1, 2))
+    for voxel, key in ((lung_voxel, "lung_tumor"), (liver_voxel, "liver")):
+        world = ct.geometry.index_to_world(voxel.astype(float))
+        for array, geom in ((ct.array, ct.geometry), (fct, fg)):
+            roi = ROI.click_mm(world, geom)
+            res = segment_by_example(segmenter, array, geom, roi, settings, context_mm=60)
+            assert res.ranking.best.structure.key == key, (key, res.ranking.describe())
+            assert res.ranking.best.confidence > 0.8 and res.ranking.method == FALLBACK_METHOD
+            assert res.touched and res.mask[tuple(roi.points[0])]
