@@ -268,3 +268,32 @@ def test_cli_ensemble_without_clip_weights_fails_clearly(tmp_path: Path, shared_
                  "--offline", "-o", str(tmp_path / "m.pt")])
     assert code == 4 and "none.safetensors" in capsys.readouterr().err
     assert not (tmp_path / "m.pt").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_cli_with_model_features(tmp_path: Path, shared_path, capsys) -> None:
+    """--with-model: pooled probabilities join the features at training and at use."""
+    from model_support import write_tiny_weights
+
+    from napari_cdpdnet.cli import main
+    from napari_cdpdnet.io import read_ct, read_label_map, write_image, write_label_map
+    from napari_cdpdnet.roi.fallback import crop_geometry
+
+    ckpt, dino, _ = write_tiny_weights(tmp_path / "w", config=_tiny512())
+    ct = read_ct(shared_path("data", "totalsegmentator", "example_ct_sm.nii.gz"))
+    seg, _ = read_label_map(shared_path("data", "totalsegmentator", "example_seg.nii.gz"))
+    crop = (slice(0, 30), slice(30, 80), slice(30, 90))
+    cg = crop_geometry(ct.geometry, crop)
+    ct_path = write_image(tmp_path / "ct.nii.gz", ct.array[crop], cg)
+    lab_path = write_label_map(tmp_path / "seg.nii.gz", seg[crop], cg)
+    weights = ["--checkpoint", str(ckpt), "--dino", str(dino), "--offline"]
+    out = tmp_path / "m.pt"
+    assert main(["train-roi-prompts", "--ct", str(ct_path), "--labels", str(lab_path), "--map", "totalsegmentator",
+                 "-o", str(out), "--with-model", "--per-kind", "2", "--epochs", "5", *weights]) == 0
+    mapper = RoiMapper.load(out)
+    assert mapper.uses_model_features and len(mapper.feature_mean) == len(feature_names(True))
+    res = tmp_path / "res.nii.gz"
+    assert main(["segment-by-example", str(ct_path), "--voxel", "--click", "30", "25", "15", "-o", str(res),
+                 "--mapper", str(out), "--no-progress", "--preset", "fast", *weights]) == 0
+    assert f"method: {MAPPER_METHOD}" in capsys.readouterr().out and res.exists()
