@@ -220,7 +220,7 @@ def test_fallback_chain_lines_up_on_a_real_ct(shared_path) -> None:
     ct = read_ct(shared_path("data", "totalsegmentator", "example_ct_sm.nii.gz"))
     seg, _ = read_label_map(shared_path("data", "totalsegmentator", "example_seg.nii.gz"))
     lung = np.argwhere(seg == 14)
-    lung_voxel = lung[np.argmin(ct.array[tuple(lung.T)])]  # the darkest lower-left-lobe voxel
+    lung_voxel = lung[np.argmin(ct.array[tuple(lung.T)])]  # the darkest right-lower-lobe voxel
     liver = np.argwhere((seg == 5) & (np.abs(ct.array - 50) < 20))
     liver_voxel = liver[len(liver) // 2]
     segmenter = Segmenter(module=_IntensityOracle())
@@ -234,3 +234,6 @@ def test_fallback_chain_lines_up_on_a_real_ct(shared_path) -> None:
             assert res.ranking.best.structure.key == key, (key, res.ranking.describe())
             assert res.ranking.best.confidence > 0.8 and res.ranking.method == FALLBACK_METHOD
             assert res.touched and res.mask[tuple(roi.points[0])]
+            words = ("air-filled", "partly air-filled") if key == "lung_tumor" else ("soft-tissue density",)
+            assert any(w in res.prompt for w in words), res.prompt
+            assert "patient's right" in res.prompt, res.prompt  # liver; label 14 = right lower lobe

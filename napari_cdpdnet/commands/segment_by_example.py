@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
             mapper=mapper, progress=bar)
     finally:
         bar.close()
+    print(f"ROI prompt: {res.prompt}")
     print(f"method: {res.ranking.method}")
     for rank, c in enumerate(res.ranking.top(3), start=1):
         print(f"  {rank}. {c.structure.name} ({c.structure.key}): confidence {c.confidence:.3f}")

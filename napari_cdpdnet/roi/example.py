@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from napari_cdpdnet.roi.mapper import RoiMapper
     from napari_cdpdnet.segmenter import Segmenter
 
-__all__ = ["ExampleResult", "run_all_structures", "rank_roi", "segment_by_example", "DEFAULT_CONTEXT_MM"]
+__all__ = ["ExampleResult", "run_all_structures", "rank_roi", "segment_by_example", "describe_roi", "DEFAULT_CONTEXT_MM"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,9 @@ class ExampleResult:
         touched: False when no component touched the ROI and the nearest one was kept instead.
         notes: lines for the user.
         seconds: wall time.
+        prompt: the attribute sentence of the marked region (the coarse "real-text prompt"),
+            e.g. "A computerized tomography of a small rounded soft-tissue density structure on
+            the patient's left at the upper body level, 12 mL, mean 35 HU, in one piece."
     """
 
     ranking: Ranking
@@ -64,6 +67,7 @@ class ExampleResult:
     touched: bool
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    prompt: str = ""
 
 
 def run_all_structures(
@@ -168,4 +172,16 @@ def segment_by_example(
         notes.append(f"no {chosen.name} component touches the ROI; the nearest one was kept")
     for n in notes:
         logger.warning(n)
-    return ExampleResult(ranking, chosen, mask, touched, notes, time.perf_counter() - t0)
+    return ExampleResult(ranking, chosen, mask, touched, notes, time.perf_counter() - t0,
+                         describe_roi(roi, array, geometry))
+
+
+def describe_roi(roi: ROI, array: np.ndarray, geometry: Geometry) -> str:
+    """The attribute sentence of the region an ROI stands for (patient-space words)."""
+    from napari_cdpdnet.roi.attributes import attribute_sentence, body_frame, instance_attributes
+    from napari_cdpdnet.roi.mapper import roi_region
+
+    crop, region = roi_region(roi, geometry)
+    attrs = instance_attributes(region, array[crop], crop_geometry(geometry, crop),
+                                body=body_frame(array, geometry))
+    return attribute_sentence(instance=attrs)
