@@ -1,0 +1,127 @@
+"""``cdpdnet segment-by-example``: mark a box, click or scribble; get the structure it points at."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from napari_cdpdnet.errors import InputError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "segment-by-example",
+        help="segment the structure a box, click or scribble points at (no name needed)",
+        description=(
+            "Find which of the 32 CDPDNet structures a region of interest marks and segment it, "
+            "keeping only the connected components the ROI touches. Without --mapper the "
+            "structure whose probability dominates inside the ROI wins (needs only the official "
+            "checkpoint); with a mapper trained by 'cdpdnet train-roi-prompts' the learned ROI "
+            "prompt decides. Prints the method and the top 3 with confidences."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=(
+            "coordinates are patient LPS millimetres (DICOM), or voxel indices x y z with --voxel.\n"
+            "examples:\n"
+            "  cdpdnet segment-by-example ct.nii.gz --click 60 -150 250 -o kidney.nii.gz\n"
+            "  cdpdnet segment-by-example ct.nii.gz --voxel --box 30 40 60 50 60 80 -o out.nii.gz\n"
+            "  cdpdnet segment-by-example ct.nii.gz --scribble marks.nii.gz -o out.nii.gz\n"
+        ),
+    )
+    p.add_argument("input", type=Path, metavar="INPUT", help="CT file or DICOM folder")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--box", type=float, nargs=6, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
+                       help="two opposite corners of a box")
+    where.add_argument("--click", type=float, nargs=3, metavar=("X", "Y", "Z"), help="one point")
+    where.add_argument("--scribble", type=Path, metavar="MASK",
+                       help="label map on the CT's grid whose non-zero voxels are the scribble")
+    p.add_argument("--voxel", action="store_true",
+                   help="--box/--click are voxel indices (x y z) instead of LPS mm")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output label map file")
+    p.add_argument("--mapper", type=Path, help="learned ROI prompt mapper (cdpdnet train-roi-prompts)")
+    p.add_argument("--context", type=float, default=None, metavar="MM",
+                   help="context around the ROI for the ranking run (default 72 mm)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for inference")
+    p.add_argument("--preset", choices=("exact", "fast"), default="exact", help="see 'cdpdnet segment'")
+    p.add_argument("--checkpoint", type=Path, help="official CDPDNet checkpoint (cdpdnet.pth)")
+    p.add_argument("--dino", type=Path, help="DINOv2-base weights file or folder")
+    p.add_argument("--offline", action="store_true", help="never download weights")
+    p.add_argument("--series-uid", help="DICOM folder with several series: the SeriesInstanceUID to use")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _roi(args: argparse.Namespace, ct) -> object:
+    from napari_cdpdnet.io import read_label_map
+    from napari_cdpdnet.roi.fallback import ROI
+
+    g = ct.geometry
+    if args.scribble is not None:
+        if not args.scribble.exists():
+            raise InputError(f"--scribble {args.scribble}: no such file")
+        marks, mg = read_label_map(args.scribble)
+        if not mg.same_grid(g):
+            raise InputError(f"--scribble {args.scribble}: not on the CT's voxel grid")
+        return ROI.from_mask(marks).check(g.shape)
+    if args.box is not None:
+        a, b = args.box[:3], args.box[3:]
+        if args.voxel:
+            return ROI.box(a[::-1], b[::-1]).check(g.shape)
+        return ROI.box_mm(a, b, g).check(g.shape)
+    if args.voxel:
+        return ROI.click(args.click[::-1]).check(g.shape)
+    return ROI.click_mm(args.click, g).check(g.shape)
+
+
+def run(args: argparse.Namespace) -> int:
+    from napari_cdpdnet.commands.segment import _ProgressBar
+    from napari_cdpdnet.fileutil import check_writable, full_suffix
+    from napari_cdpdnet.io import LABEL_MAP_SUFFIXES, read_ct, write_label_map
+    from napari_cdpdnet.labeltable import build_label_table, label_table_path, write_label_table
+    from napari_cdpdnet.pipeline import SegmentationSettings
+    from napari_cdpdnet.roi.example import DEFAULT_CONTEXT_MM, segment_by_example
+    from napari_cdpdnet.segmenter import Segmenter
+
+    if not args.input.exists():
+        raise InputError(f"{args.input}: no such file or folder")
+    if full_suffix(args.output) not in LABEL_MAP_SUFFIXES:
+        raise InputError(f"-o {args.output}: give a label map file ({', '.join(LABEL_MAP_SUFFIXES)})")
+    check_writable(args.output, overwrite=args.overwrite)
+    check_writable(label_table_path(args.output), overwrite=args.overwrite)
+    mapper = None
+    if args.mapper is not None:
+        from napari_cdpdnet.roi.mapper import RoiMapper
+
+        mapper = RoiMapper.load(args.mapper)
+    ct = read_ct(args.input, series_uid=args.series_uid)
+    for w in ct.warnings:
+        print(f"warning: {args.input}: {w}", file=sys.stderr)
+    roi = _roi(args, ct)
+    print(f"ROI: {roi.describe()}", file=sys.stderr)
+    settings = SegmentationSettings(preset=args.preset, device=args.device, threads=args.threads)
+    segmenter = Segmenter(checkpoint=args.checkpoint, dino=args.dino, allow_download=not args.offline)
+    bar = _ProgressBar(not args.no_progress, args.input.name)
+    try:
+        res = segment_by_example(
+            segmenter, ct.array, ct.geometry, roi, settings,
+            context_mm=DEFAULT_CONTEXT_MM if args.context is None else args.context,
+            mapper=mapper, progress=bar)
+    finally:
+        bar.close()
+    print(f"ROI prompt: {res.prompt}")
+    print(f"method: {res.ranking.method}")
+    for rank, c in enumerate(res.ranking.top(3), start=1):
+        print(f"  {rank}. {c.structure.name} ({c.structure.key}): confidence {c.confidence:.3f}")
+    for note in res.notes:
+        print(f"note: {note}", file=sys.stderr)
+    s = res.structure
+    labels = res.mask.astype("uint8") * s.index
+    write_label_map(args.output, labels, ct.geometry, overwrite=args.overwrite, label_names={s.index: s.name})
+    table = build_label_table(labels, ct.geometry, ct.array, values=[s.index])
+    table_path = write_label_table(label_table_path(args.output), table, overwrite=args.overwrite)
+    print(f"{args.input} → {args.output}: {s.name} {table[0].volume_ml:.1f} mL "
+          f"({res.seconds:.1f} s); also wrote {table_path}")
+    return 0
