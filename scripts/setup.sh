@@ -46,9 +46,13 @@ pip_() {  # quiet pip; hides the harmless "Location ... is ignored" lines of loc
 # ---------------------------------------------------------------- 3. PyTorch
 # Kept out of the project's dependencies on purpose: the right build depends on the machine.
 choose_torch() {
+  local pip_config
+  # Read the whole output first: 'pip config list | grep -q' under pipefail fails at random
+  # (grep exits early, pip dies of SIGPIPE).
+  pip_config="$("$venv/bin/python" -m pip config list 2>/dev/null || true)"
   if [ -n "${CDPDNET_TORCH:-}" ]; then        # e.g. "torch torchvision --index-url URL"
     echo "$CDPDNET_TORCH"
-  elif "$venv/bin/python" -m pip config list 2>/dev/null | grep -q "file://"; then
+  elif [[ "$pip_config" == *"file://"* ]]; then
     echo "torch==2.14.1 torchvision==0.29.1"  # a local wheel mirror (this project's dev machines)
   elif [ "$(uname -s)" = Linux ] && ! command -v nvidia-smi >/dev/null 2>&1; then
     echo "torch torchvision --index-url https://download.pytorch.org/whl/cpu"  # CPU-only build
