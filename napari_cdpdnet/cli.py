@@ -20,7 +20,7 @@ from napari_cdpdnet.errors import CdpdnetError
 __all__ = ["main", "build_parser", "EXIT_CODES"]
 
 #: Subcommand modules, in the order ``cdpdnet --help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("segment", "structures", "weights", "info")
+COMMAND_MODULES: tuple[str, ...] = ("segment", "structures", "weights", "info", "train", "evaluate")
 
 #: What a script can rely on.
 EXIT_CODES = {
