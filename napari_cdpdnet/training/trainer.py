@@ -146,8 +146,13 @@ def train_step(
     loss_name: str = "partial",
     scaler: torch.amp.GradScaler | None = None,
     autocast: bool = False,
+    naive_channels: torch.Tensor | None = None,
 ) -> LossTerms:
     """Forward + loss + backward for one batch (no optimiser step); returns the loss terms.
+
+    ``loss_name="naive"`` scores every channel of ``naive_channels`` (``[32]`` bool, default
+    all; the trainer passes the union of the datasets' labelled structures) in every sample,
+    unlabelled ones as background.
 
     The network reads only ``task_id[0]`` (SPEC §9), so crops with different task prompts are
     run as separate groups, each backward weighted by its share of the (sample, structure)
@@ -161,7 +166,8 @@ def train_step(
     target = batch["target"].to(device, non_blocking=True)
     labelled = batch["labelled"].to(device).bool()
     if loss_name == "naive":
-        labelled = torch.ones_like(labelled)
+        chans = torch.ones(labelled.shape[1], dtype=torch.bool) if naive_channels is None else naive_channels
+        labelled = chans.to(device=device, dtype=torch.bool).reshape(1, -1).expand_as(labelled)
     task_ids = torch.as_tensor(batch["task_id"]).reshape(-1)
     groups = sorted(set(task_ids.tolist()))
     total_pairs = int(labelled.sum())
@@ -300,6 +306,10 @@ class Trainer:
         model, random_dino = build_training_model(self.config)
         model.to(self.device).train()
         self.random_dino = random_dino
+        self.union = torch.zeros(32, dtype=torch.bool)
+        for d in self.config.datasets:
+            for c in d.cases:
+                self.union[[i - 1 for i in c.labelled]] = True
         self.trainable = [p for n, p in model.named_parameters() if p.requires_grad]
         frozen = [n for n, p in model.named_parameters() if n.startswith("dino.") and p.requires_grad]
         if frozen:  # pragma: no cover - guarded by DinoSliceEncoder
@@ -403,7 +413,7 @@ class Trainer:
                 break
             ts = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
-            terms = train_step(self.model, batch, cfg.loss, self.scaler, self.amp)
+            terms = train_step(self.model, batch, cfg.loss, self.scaler, self.amp, self.union)
             if self.scaler is not None:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
