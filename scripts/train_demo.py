@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", type=int, default=0, help="task prompt of both pseudo datasets")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--parallel", action="store_true", help="train both models at once (two processes)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         result = run_demo(ct, ref, work, steps=args.steps, lr=args.lr, spacing=args.spacing,
-                          seed=args.seed, task=args.task, threads=args.threads, progress=args.verbose)
+                          seed=args.seed, task=args.task, threads=args.threads, progress=args.verbose,
+                          parallel=args.parallel)
     print(format_tables(result))
     return 0
 

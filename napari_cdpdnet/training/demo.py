@@ -152,56 +152,80 @@ class DemoResult:
 
 def _config(work: Path, partial_maps: Sequence[Path], image: Path, loss: str, *, steps: int,
             spacing: float, lr: float, seed: int, halves: Sequence[Sequence[str]], task: int) -> dict:
+    epochs = max(1, steps // len(halves))  # an epoch = one crop of each pseudo dataset
     datasets = [
         {"name": f"half_{'AB'[n]}", "label_values": "cdpdnet", "labelled": list(half), "task": task,
          "cases": [{"image": str(image), "label": str(path)}]}
         for n, (half, path) in enumerate(zip(halves, partial_maps))
     ]
     return {
-        "output_dir": str(work / loss), "model": "tiny", "init": "scratch", "epochs": steps,
+        "output_dir": str(work / loss), "model": "tiny", "init": "scratch", "epochs": epochs,
         "warmup_epochs": 0, "lr": lr, "eta_min": lr / 10, "spacing": spacing, "crop": 96,
-        "samples_per_volume": 1, "batch_size": 2, "num_workers": 0, "cache": True,
-        "checkpoint_every": steps, "seed": seed, "loss": loss, "uniform_sample": False,
+        "samples_per_volume": 1, "batch_size": 1, "num_workers": 0, "cache": True,
+        "checkpoint_every": epochs, "seed": seed, "loss": loss, "uniform_sample": False,
         "datasets": datasets,
     }
 
 
-def run_demo(
-    ct: Path, reference: Path, work: Path, *, steps: int = 60, spacing: float = 5.0, lr: float = 3e-3,
-    seed: int = 0, halves: Sequence[Sequence[str]] = (HALF_A, HALF_B), task: int = 0,
-    progress: bool = False, threads: int | None = None,
-) -> DemoResult:
-    """Train the partial-label and the naive model and score both on the full reference.
-
-    One "epoch" here is one step on a batch of one crop from each pseudo dataset (the whole
-    body fits one 96³ crop at ``spacing``), so ``steps`` is the number of optimiser steps.
-    """
+def _train_and_score(
+    loss: str, ct: Path, work: Path, maps: Sequence[Path], *, steps: int, spacing: float, lr: float,
+    seed: int, halves: Sequence[Sequence[str]], task: int, progress: bool, threads: int | None,
+) -> tuple[list, dict[str, float]]:
+    """Train one model with ``loss`` and score it on the full reference (own process if asked)."""
     from napari_cdpdnet.io import read_label_map
     from napari_cdpdnet.training.config import parse_config
     from napari_cdpdnet.training.evaluation import evaluate_labels
     from napari_cdpdnet.training.trainer import Trainer
+    from napari_cdpdnet.vocabulary import structure
 
     if threads:
         torch.set_num_threads(threads)
+    cfg = parse_config(_config(work, maps, ct, loss, steps=steps, spacing=spacing, lr=lr,
+                               seed=seed, halves=halves, task=task))
+    trainer = Trainer(cfg, device="cpu", progress=progress)
+    trainer.fit()
+    full_path = work / "labels" / "reference_cdpdnet.nii.gz"
+    full, geometry = read_label_map(full_path)
+    wanted = _indices([k for h in halves for k in h])
+    pred, prob = predict_labels(trainer.model_plain, ct, geometry, spacing, task, wanted)
+    rows = evaluate_labels(pred, geometry, full, geometry, {i: [i] for i in wanted})
+    probs = {structure(i).name: float(prob[n][full == i].mean()) for n, i in enumerate(wanted)}
+    logger.info("%s model trained and scored", loss)
+    return rows, probs
+
+
+def run_demo(
+    ct: Path, reference: Path, work: Path, *, steps: int = 60, spacing: float = 5.0, lr: float = 1e-2,
+    seed: int = 0, halves: Sequence[Sequence[str]] = (HALF_A, HALF_B), task: int = 0,
+    progress: bool = False, threads: int | None = None, parallel: bool = False,
+) -> DemoResult:
+    """Train the partial-label and the naive model and score both on the full reference.
+
+    An epoch is one crop of each pseudo dataset in random order, one optimiser step per crop
+    (the whole body fits one 96³ crop at ``spacing``); ``steps`` is rounded down to whole epochs.
+    ``parallel`` trains the two models in two processes (``threads`` each).
+    """
+    from napari_cdpdnet.io import read_label_map, write_label_map
+
     t0 = time.perf_counter()
     raw, geometry = read_label_map(reference)
     full = totalseg_to_cdpdnet(raw)
     maps = write_partial_maps(full, geometry, work / "labels", halves)
-    wanted = _indices([k for h in halves for k in h])
-    from napari_cdpdnet.vocabulary import structure
+    write_label_map(work / "labels" / "reference_cdpdnet.nii.gz", full, geometry, overwrite=True)
+    kw = dict(steps=steps, spacing=spacing, lr=lr, seed=seed, halves=halves, task=task,
+              progress=progress and not parallel, threads=threads)
+    if parallel:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
 
-    results, probs = {}, {}
-    for loss in ("partial", "naive"):
-        cfg = parse_config(_config(work, maps, ct, loss, steps=steps, spacing=spacing, lr=lr,
-                                   seed=seed, halves=halves, task=task))
-        trainer = Trainer(cfg, device="cpu", progress=progress)
-        trainer.fit()
-        pred, prob = predict_labels(trainer.model_plain, ct, geometry, spacing, task, wanted)
-        results[loss] = evaluate_labels(pred, geometry, full, geometry, {i: [i] for i in wanted})
-        probs[loss] = {structure(i).name: float(prob[n][full == i].mean()) for n, i in enumerate(wanted)}
-        logger.info("%s model trained and scored", loss)
-    return DemoResult(results["partial"], results["naive"], probs["partial"], probs["naive"], tuple(tuple(h) for h in halves), steps,
-                      time.perf_counter() - t0)
+        with ProcessPoolExecutor(2, mp_context=mp.get_context("spawn")) as pool:
+            futures = {loss: pool.submit(_train_and_score, loss, ct, work, maps, **kw)
+                       for loss in ("partial", "naive")}
+            out = {loss: f.result() for loss, f in futures.items()}
+    else:
+        out = {loss: _train_and_score(loss, ct, work, maps, **kw) for loss in ("partial", "naive")}
+    return DemoResult(out["partial"][0], out["naive"][0], out["partial"][1], out["naive"][1],
+                      tuple(tuple(h) for h in halves), steps, time.perf_counter() - t0)
 
 
 def format_tables(result: DemoResult) -> str:

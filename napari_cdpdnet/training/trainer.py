@@ -392,6 +392,7 @@ class Trainer:
 
     def _epoch(self, epoch: int, steps_log: _CsvLog | None, epochs_log: _CsvLog | None) -> Path:
         cfg = self.config
+        before = self.scheduler.state_dict()
         self.scheduler.step()  # official: once per epoch, before training it
         lr = float(self.optimizer.param_groups[0]["lr"])
         if self.sampler is not None:
@@ -433,9 +434,12 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             if self.should_stop():
-                if self.dist.main:
-                    self._save(epoch)
-                raise Cancelled(f"training stopped at epoch {epoch + 1}, step {done}; resume from latest.pth")
+                if self.dist.main:  # resuming repeats this unfinished epoch
+                    self.scheduler.load_state_dict(before)
+                    save_checkpoint(cfg.output_dir / "latest.pth", self.model, epoch - 1, self.optimizer,
+                                    self.scheduler, {"global_step": self.global_step, "loss": cfg.loss})
+                raise Cancelled(f"training stopped in epoch {epoch + 1} after {done} step(s); "
+                                f"resume from {cfg.output_dir / 'latest.pth'} repeats that epoch")
         if bar is not None:
             bar.close()
         means = {k: v / max(done, 1) for k, v in sums.items()}
