@@ -144,7 +144,7 @@ def preprocess_transforms(spacing: float, crop: int, tumour: bool) -> list[Any]:
     return [
         mt.LoadImaged(keys=["image", "label"], ensure_channel_first=True, image_only=True),
         RemapLabelsd("label", "classes" if tumour else None),
-        mt.Orientationd(keys=keys, axcodes="RAS"),
+        mt.Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         mt.Spacingd(keys=keys, pixdim=(spacing,) * 3, mode=["bilinear"] + ["nearest"] * (len(keys) - 1)),
         mt.ScaleIntensityRanged(keys=["image"], a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True),
         mt.CropForegroundd(keys=keys, source_key="image", allow_smaller=True),

@@ -103,7 +103,7 @@ def predict_labels(
 
     pre = mt.Compose([
         mt.LoadImaged(keys=["image"], ensure_channel_first=True, image_only=True),
-        mt.Orientationd(keys=["image"], axcodes="RAS"),
+        mt.Orientationd(keys=["image"], axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         mt.Spacingd(keys=["image"], pixdim=(spacing,) * 3, mode="bilinear"),
         mt.ScaleIntensityRanged(keys=["image"], a_min=HU_WINDOW[0], a_max=HU_WINDOW[1],
                                 b_min=0.0, b_max=1.0, clip=True),

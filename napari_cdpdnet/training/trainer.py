@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -393,7 +394,9 @@ class Trainer:
     def _epoch(self, epoch: int, steps_log: _CsvLog | None, epochs_log: _CsvLog | None) -> Path:
         cfg = self.config
         before = self.scheduler.state_dict()
-        self.scheduler.step()  # official: once per epoch, before training it
+        with warnings.catch_warnings():  # torch warns about stepping before optimizer.step()
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()  # official: once per epoch, before training it
         lr = float(self.optimizer.param_groups[0]["lr"])
         if self.sampler is not None:
             self.sampler.set_epoch(epoch)
