@@ -130,3 +130,20 @@ def test_cli_train_errors(tmp_path: Path, capsys) -> None:
     (tmp_path / "c.yaml").write_text("output_dir: x\ndatasets: []\n")
     assert main(["train", "--config", str(tmp_path / "c.yaml")]) == 2
     assert "datasets: expected a non-empty list" in capsys.readouterr().err
+
+
+def test_first_ctrl_c_requests_a_graceful_stop_second_aborts() -> None:
+    import os
+    import signal
+
+    from napari_cdpdnet.commands.train import _StopOnInterrupt
+
+    before = signal.getsignal(signal.SIGINT)
+    stop = _StopOnInterrupt()
+    with stop:
+        assert not stop()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before

@@ -34,6 +34,37 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+class _StopOnInterrupt:
+    """First Ctrl-C: stop after the current step and write a resumable checkpoint; second: abort."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def _handle(self, signum, frame) -> None:  # noqa: ANN001 - signal handler signature
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (press Ctrl-C again to abort without a checkpoint)", flush=True)
+
+    def __enter__(self) -> _StopOnInterrupt:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -50,8 +81,10 @@ def run(args: argparse.Namespace) -> int:
         if args.epochs < 1 or args.epochs < cfg.warmup_epochs:
             raise InputError(f"--epochs {args.epochs}: must be >= 1 and >= warmup_epochs ({cfg.warmup_epochs})")
         cfg = replace(cfg, epochs=args.epochs)
-    trainer = Trainer(cfg, device=args.device, progress=not args.no_progress)
-    latest = trainer.fit()
+    stop = _StopOnInterrupt()
+    trainer = Trainer(cfg, device=args.device, progress=not args.no_progress, should_stop=stop)
+    with stop:
+        latest = trainer.fit()
     if trainer.dist.main:
         print(f"trained to epoch {cfg.epochs}; checkpoint {latest}")
         print(f"losses: {cfg.output_dir / 'steps.csv'}, {cfg.output_dir / 'epochs.csv'}")
