@@ -36,7 +36,7 @@ def test_documented_epochs() -> None:
     assert used[524] == pytest.approx(BASE * 0.5 * (1 + math.cos(math.pi * 475 / 950)))
     assert used[524] == pytest.approx(BASE / 2)
     assert used[999] == pytest.approx(0.0, abs=1e-15)  # exactly 0 in the last epoch
-    assert all(a >= b for a, b in zip(used[49:], used[50:]))
+    assert all(a >= b for a, b in zip(used[49:], used[50:], strict=False))
     assert [epoch_lr(e, BASE, 50, 1000) for e in range(1000)] == pytest.approx(used)
 
 

@@ -41,7 +41,12 @@ def run(args: argparse.Namespace) -> int:
 
     from napari_cdpdnet.errors import InputError
     from napari_cdpdnet.fileutil import check_writable, full_suffix
-    from napari_cdpdnet.training.evaluation import evaluate_files, parse_mapping, plot_scores, write_scores_csv
+    from napari_cdpdnet.training.evaluation import (
+        evaluate_files,
+        parse_mapping,
+        plot_scores,
+        write_scores_csv,
+    )
 
     if full_suffix(args.output) != ".csv":
         raise InputError(f"-o {args.output}: scores are written as CSV; use a .csv name")

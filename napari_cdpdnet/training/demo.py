@@ -7,7 +7,7 @@ random-init CDPDNet is trained twice on them, CPU-sized (coarse spacing, a few h
 * with the official partial-label loss, each pseudo dataset teaches only its own half;
 * with the naive loss, each pseudo dataset also teaches that the *other* half is background.
 
-Both models see the same image with both prompts, so the naive one receives contradicting
+Both pseudo datasets show the same image with the same task prompt, so the naive loss gives contradicting
 targets for every structure and learns to suppress them; the partial-label one learns all of
 them. Both are then scored (Dice, HD95 in mm) against the *full* reference on the source grid.
 These label maps are TotalSegmentator model outputs, not manual ground truth; the point is the
@@ -156,7 +156,7 @@ def _config(work: Path, partial_maps: Sequence[Path], image: Path, loss: str, *,
     datasets = [
         {"name": f"half_{'AB'[n]}", "label_values": "cdpdnet", "labelled": list(half), "task": task,
          "cases": [{"image": str(image), "label": str(path)}]}
-        for n, (half, path) in enumerate(zip(halves, partial_maps))
+        for n, (half, path) in enumerate(zip(halves, partial_maps, strict=True))
     ]
     return {
         "output_dir": str(work / loss), "model": "tiny", "init": "scratch", "epochs": epochs,

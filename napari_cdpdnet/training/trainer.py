@@ -222,7 +222,7 @@ class _CsvLog:
     def __init__(self, path: Path, columns: Iterable[str]) -> None:
         self.columns = tuple(columns)
         new = not path.exists() or path.stat().st_size == 0
-        self._fh = open(path, "a", newline="", encoding="utf-8")
+        self._fh = open(path, "a", newline="", encoding="utf-8")  # noqa: SIM115 - closed by close()
         self._w = csv.writer(self._fh)
         if new:
             self._w.writerow(self.columns)
