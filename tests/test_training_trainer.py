@@ -98,6 +98,12 @@ def test_train_checkpoint_round_trip_and_resume(case: Path, tmp_path: Path) -> N
     x = torch.rand(1, 1, 96, 96, 96, generator=torch.Generator().manual_seed(1))
     model.eval()
     assert torch.equal(rebuilt(x, 0), model(x, 0))
+    # what `cdpdnet segment --checkpoint latest.pth --dino dino.safetensors` loads
+    from napari_cdpdnet.segmenter import Segmenter
+
+    seg_model = Segmenter(checkpoint=out / "latest.pth", dino=out / "dino.safetensors",
+                          allow_download=False).model()
+    assert torch.equal(seg_model(x, 0), model(x, 0))
 
     # resume from epoch 1 of 2: only epoch 2 is trained, with restored optimizer and schedule
     resumed = Trainer(replace(cfg, resume=out / "epoch_0001.pth", dino=out / "dino.safetensors"),
