@@ -303,7 +303,10 @@ class Trainer:
         from monai.utils import set_determinism
 
         self._init_distributed()
-        set_determinism(seed=self.config.seed + self.dist.rank)
+        set_determinism(seed=self.config.seed + self.dist.rank)  # torch, numpy, random, MONAI
+        if self.device.type == "cuda":  # seeded, but keep cuDNN's fast (non-deterministic) kernels
+            torch.backends.cudnn.deterministic = False
+            torch.backends.cudnn.benchmark = True
         model, random_dino = build_training_model(self.config)
         model.to(self.device).train()
         self.random_dino = random_dino
