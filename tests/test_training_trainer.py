@@ -153,3 +153,49 @@ def test_first_ctrl_c_requests_a_graceful_stop_second_aborts() -> None:
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_dist_info_from_torchrun_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    from napari_cdpdnet.training.trainer import DistInfo
+
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    assert DistInfo.from_env() == DistInfo(0, 0, 1) and not DistInfo.from_env().distributed
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    info = DistInfo.from_env()
+    assert (info.rank, info.local_rank, info.world_size, info.main) == (3, 1, 4, False)
+
+
+def test_train_step_under_ddp_with_two_task_groups(tmp_path: Path) -> None:
+    """DDP (gloo, one process) with find_unused_parameters, crops of two tasks in one batch."""
+    import torch.distributed as dist
+
+    from napari_cdpdnet.model import CDPDNetConfig, build_model
+    from napari_cdpdnet.training.loss import partial_label_loss
+    from napari_cdpdnet.training.trainer import train_step
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = build_model(CDPDNetConfig.tiny()).train()
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        g = torch.Generator().manual_seed(0)
+        image = torch.rand(2, 1, 96, 96, 96, generator=g)
+        target = (torch.rand(2, 32, 96, 96, 96, generator=g) > 0.9).to(torch.uint8)
+        labelled = torch.zeros(2, 32, dtype=torch.bool)
+        labelled[0, [0, 5]] = True
+        labelled[1, 5] = True
+        batch = {"image": image, "target": target, "labelled": labelled, "task_id": torch.tensor([0, 3])}
+        terms = train_step(ddp, batch)
+        assert terms.pairs == 3
+        grads = [p.grad for p in model.net.parameters() if p.requires_grad and p.grad is not None]
+        assert grads and all(torch.isfinite(x).all() for x in grads)
+        assert all(p.grad is None for p in model.dino.parameters())
+        # the loss is the mean over all 3 pairs: pair-weighted mean of the two task groups
+        with torch.no_grad():
+            t0 = partial_label_loss(model(image[:1], 0), target[:1], labelled[:1])
+            t3 = partial_label_loss(model(image[1:], 3), target[1:], labelled[1:])
+        assert float(terms.total) == pytest.approx((2 * float(t0.total) + float(t3.total)) / 3, rel=1e-4)
+    finally:
+        dist.destroy_process_group()
