@@ -2,7 +2,7 @@
 
 The TotalSegmentator example (``example_ct.nii.gz`` with ``example_seg_full.nii.gz``) is turned
 into two pseudo datasets that share the image but label disjoint halves of the structures. A tiny
-random-init CDPDNet is trained twice on them, CPU-sized (coarse spacing, a few hundred steps):
+random-init CDPDNet is trained twice on them, CPU-sized (5 mm grid, one 96³ crop per step):
 
 * with the official partial-label loss, each pseudo dataset teaches only its own half;
 * with the naive loss, each pseudo dataset also teaches that the *other* half is background.
