@@ -31,12 +31,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parallel", action="store_true", help="train both models at once (two processes)")
+    p.add_argument("--half-a", help="structure keys of pseudo dataset A, comma-separated (default: demo.HALF_A)")
+    p.add_argument("--half-b", help="structure keys of pseudo dataset B, comma-separated (default: demo.HALF_B)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sys.path.insert(0, str(REPO))
-    from napari_cdpdnet.training.demo import format_tables, run_demo
+    from napari_cdpdnet.training.demo import HALF_A, HALF_B, format_tables, run_demo
+
+    halves = tuple(
+        tuple(k.strip() for k in text.split(",") if k.strip()) if text else default
+        for text, default in ((args.half_a, HALF_A), (args.half_b, HALF_B))
+    )
+    if set(halves[0]) & set(halves[1]):
+        print(f"the halves must be disjoint: {sorted(set(halves[0]) & set(halves[1]))}", file=sys.stderr)
+        return 2
 
     ct, ref = args.data / "example_ct.nii.gz", args.data / "example_seg_full.nii.gz"
     for f in (ct, ref):
@@ -47,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work or Path(tmp)
         result = run_demo(ct, ref, work, steps=args.steps, lr=args.lr, spacing=args.spacing,
                           seed=args.seed, task=args.task, threads=args.threads, progress=args.verbose,
-                          parallel=args.parallel)
+                          parallel=args.parallel, halves=halves)
     print(format_tables(result))
     return 0
 
