@@ -20,7 +20,10 @@ from napari_cdpdnet.errors import CdpdnetError
 __all__ = ["main", "build_parser", "EXIT_CODES"]
 
 #: Subcommand modules, in the order ``cdpdnet --help`` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("segment", "segment_by_example", "train_roi_prompts", "structures", "weights", "info")
+COMMAND_MODULES: tuple[str, ...] = (
+    "segment", "segment_by_example", "structures", "weights", "train", "evaluate",
+    "train_roi_prompts", "info",
+)
 
 #: What a script can rely on.
 EXIT_CODES = {
