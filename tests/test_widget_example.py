@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from model_support import write_tiny_weights
+
 from napari_cdpdnet.geometry import Geometry
 from napari_cdpdnet.roi.fallback import FALLBACK_METHOD
 from napari_cdpdnet.roi.mapper import MAPPER_METHOD
@@ -233,7 +233,13 @@ def test_click_then_rectangle_fallback(make_napari_viewer, qtbot, oracle, crop, 
 
 
 def test_mapper_file_and_scribble(make_napari_viewer, qtbot, oracle, crop, notes, tmp_path: Path) -> None:
-    from napari_cdpdnet.roi.mapper import RoiMapper, TrainingConfig, sample_rois, train_mapper, training_set
+    from napari_cdpdnet.roi.mapper import (
+        RoiMapper,
+        TrainingConfig,
+        sample_rois,
+        train_mapper,
+        training_set,
+    )
 
     array, geometry, labels = crop
     # an attributes-only mapper trained in a second on this crop (teacher: random CLIP-sized)
