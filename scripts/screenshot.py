@@ -8,7 +8,7 @@ The model is a *tiny random* CDPDNet written on the fly (tests/model_support.py)
 shows the interface, not segmentation quality; the caption in the image says so. Needs a
 display: run it under Xvfb from the repository root:
 
-    xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/screenshot.py
+    xvfb-run -a -s "-screen 0 1600x1250x24" python scripts/screenshot.py
 
 Options: ``--ct PATH`` (default: ../shared/data/totalsegmentator/example_ct.nii.gz beside the
 checkout), ``--out PATH`` (default docs/screenshot.png), ``--request TEXT``.
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _register_manifest()
     viewer = napari.Viewer(show=True, title="napari-cdpdnet")
-    viewer.window.resize(1580, 990)
+    viewer.window.resize(1580, 1230)
     [image] = viewer.open(str(args.ct), plugin="napari-cdpdnet")
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, dino, _ = write_tiny_weights(Path(tmp))
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         widget = SegmentationWidget(viewer, segmenter=segmenter)
         viewer.window.add_dock_widget(widget, name="CDPDNet segmentation", area="right")
         table = StructureTableWidget(viewer)
-        viewer.window.add_dock_widget(table, name="CDPDNet structures", area="bottom")
+        viewer.window.add_dock_widget(table, name="CDPDNet structures", area="right")
         widget.text_edit.setText(args.request)
         widget.preset_combo.setCurrentText("fast")
         loop = QEventLoop()
@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         labels = viewer.layers[-1]
         labels.opacity = RESULT_OPACITY
         table.labels_combo.setCurrentText(labels.name)
+        table.table.setMinimumHeight(84)  # header and both rows visible
         table.refresh()
         if not table.rows:
             raise SystemExit(f"the structure table stayed empty: {table.status.text()}")
