@@ -23,11 +23,17 @@ from napari_cdpdnet.roi.fallback import FALLBACK_METHOD
 from napari_cdpdnet.roi.mapper import MAPPER_METHOD
 from napari_cdpdnet.vocabulary import STRUCTURES, structure
 
-pytestmark = [
-    pytest.mark.gui,
-    pytest.mark.shared,
-    pytest.mark.skipif(not os.environ.get("DISPLAY"), reason="needs a display: run under xvfb-run -a"),
-]
+
+def _gui(test):
+    """GUI tests: a display and the shared real CT."""
+    for mark in (
+        pytest.mark.gui,
+        pytest.mark.shared,
+        pytest.mark.skipif(not os.environ.get("DISPLAY"), reason="needs a display: run under xvfb-run -a"),
+    ):
+        test = mark(test)
+    return test
+
 
 #: Around the left kidney (value 3 after mapping; voxels z 72..104, y 27..49, x 23..44 at 3 mm).
 CROP = (slice(66, 106), slice(18, 58), slice(14, 54))
@@ -135,6 +141,35 @@ def _results(viewer) -> list[Any]:
     return [lyr for lyr in viewer.layers if isinstance(lyr, Labels) and is_cdpdnet_layer(lyr.metadata)]
 
 
+# ================================================================== ROI from drawn shapes, no window
+def test_example_box_keeps_its_slice_and_refuses_outside() -> None:
+    from napari_cdpdnet import _layers
+    from napari_cdpdnet.errors import InputError
+
+    roi = _layers.example_box_roi(np.array([[4, 2, 3], [4, 9, 3], [4, 9, 8], [4, 2, 8]], float), (10, 12, 14))
+    assert roi.kind == "box" and roi.points.tolist() == [[4, 2, 3], [4, 9, 8]]  # z stays on slice 4
+    with pytest.raises(InputError, match="outside the image"):
+        _layers.example_box_roi(np.array([[4, 20, 30], [4, 25, 35]], float), (10, 12, 14))
+    with pytest.raises(InputError, match="usable corners"):
+        _layers.example_box_roi(np.array([[np.nan, 2, 3], [np.nan, 5, 6]]), (10, 12, 14))
+
+
+def test_example_scribble_is_densified_and_clipped() -> None:
+    from napari_cdpdnet import _layers
+    from napari_cdpdnet.errors import InputError
+
+    roi = _layers.example_scribble_roi([np.array([[2, 1, 1], [2, 1, 9], [2, 15, 9]], float)], (5, 12, 12))
+    pts = {tuple(p) for p in roi.points.tolist()}
+    assert {(2, 1, x) for x in range(1, 10)} <= pts  # every voxel along the first stroke
+    assert {(2, y, 9) for y in range(1, 12)} <= pts and max(p[1] for p in pts) == 11  # clipped
+    with pytest.raises(InputError, match="outside the image"):
+        _layers.example_scribble_roi([np.array([[9, 1, 1], [9, 2, 2]], float)], (5, 12, 12))
+    with pytest.raises(InputError, match="no usable points"):
+        _layers.example_scribble_roi([np.full((2, 3), np.nan)], (5, 12, 12))
+    labels = _layers.example_labels(np.eye(3, dtype=bool)[None], LEFT_KIDNEY)
+    assert labels.dtype == np.uint8 and set(np.unique(labels).tolist()) == {0, LEFT_KIDNEY.index}
+
+
 def _check_result(layer, image, geometry: Geometry) -> int:
     """One structure, on the image's grid; returns its index."""
     values = set(np.unique(layer.data).tolist()) - {0}
@@ -149,6 +184,7 @@ def _check_result(layer, image, geometry: Geometry) -> int:
     return value
 
 
+@_gui
 def test_tiny_model_click_progress_and_cancel(make_napari_viewer, qtbot, segmenter, crop, notes) -> None:
     _array, geometry, labels = crop
     viewer, image, widget = _setup(make_napari_viewer, qtbot, segmenter, crop)
@@ -186,6 +222,7 @@ def test_tiny_model_click_progress_and_cancel(make_napari_viewer, qtbot, segment
     assert notes["error"] == []
 
 
+@_gui
 def test_click_then_rectangle_fallback(make_napari_viewer, qtbot, oracle, crop, notes, MouseEvent) -> None:
     array, geometry, labels = crop
     viewer, image, widget = _setup(make_napari_viewer, qtbot, oracle, crop)
@@ -232,6 +269,7 @@ def test_click_then_rectangle_fallback(make_napari_viewer, qtbot, oracle, crop, 
     assert notes["error"] == []
 
 
+@_gui
 def test_mapper_file_and_scribble(make_napari_viewer, qtbot, oracle, crop, notes, tmp_path: Path) -> None:
     from napari_cdpdnet.roi.mapper import (
         RoiMapper,
@@ -278,6 +316,7 @@ def test_mapper_file_and_scribble(make_napari_viewer, qtbot, oracle, crop, notes
     assert len(_results(viewer)) == 1 and widget.run_button.isEnabled()
 
 
+@_gui
 def test_bad_input_is_a_notification_and_no_layer(make_napari_viewer, qtbot, segmenter, crop, notes) -> None:
     _array, geometry, _ = crop
     viewer, image, widget = _setup(make_napari_viewer, qtbot, segmenter, crop)
