@@ -34,6 +34,8 @@ from napari_cdpdnet.vocabulary import STRUCTURES, Structure
 if TYPE_CHECKING:  # pragma: no cover
     from napari.layers import Labels
 
+    from napari_cdpdnet.roi.fallback import ROI
+
 __all__ = [
     "LAYER_PREFIX",
     "color_dict",
@@ -48,6 +50,9 @@ __all__ = [
     "ProbabilityCache",
     "pick_component",
     "roi_from_index_points",
+    "example_box_roi",
+    "example_scribble_roi",
+    "example_labels",
 ]
 
 logger = logging.getLogger(__name__)
@@ -350,3 +355,56 @@ def roi_from_index_points(
     lps = geometry.index_to_world(corners)
     a, b = lps.min(axis=0), lps.max(axis=0)
     return (float(a[0]), float(a[1]), float(a[2])), (float(b[0]), float(b[1]), float(b[2]))
+
+
+# --------------------------------------------------------------------------- segment by example
+def example_box_roi(points: np.ndarray, shape: Sequence[int]) -> ROI:
+    """The segment-by-example box of a rectangle drawn with ``[z, y, x]`` voxel vertices.
+
+    Unlike :func:`roi_from_index_points` (which limits a run, so a flat axis spans the image),
+    an example box marks one structure: a rectangle drawn on one slice stays on that slice.
+
+    Raises:
+        InputError: no finite vertex (or a missing axis), or a box outside the image.
+    """
+    from napari_cdpdnet.roi.fallback import ROI
+
+    pts = np.asarray(points, dtype=float).reshape(-1, 3)
+    if pts.size == 0 or not np.isfinite(pts).all():
+        raise InputError("the rectangle has no usable corners: draw it over the CT")
+    return ROI.box(pts.min(axis=0), pts.max(axis=0)).check(shape)
+
+
+def example_scribble_roi(polylines: Sequence[np.ndarray], shape: Sequence[int]) -> ROI:
+    """A scribble ROI from Shapes paths/lines (``[z, y, x]`` voxel vertices), densified so
+    every voxel the stroke crosses counts, not only its vertices.
+
+    Raises:
+        InputError: no usable vertex, or the stroke lies entirely outside the image.
+    """
+    from napari_cdpdnet.roi.fallback import ROI
+
+    voxels: list[np.ndarray] = []
+    for line in polylines:
+        pts = np.asarray(line, dtype=float).reshape(-1, 3)
+        pts = pts[np.isfinite(pts).all(axis=1)]
+        if len(pts) == 0:
+            continue
+        voxels.append(pts[:1])
+        for a, b in zip(pts[:-1], pts[1:], strict=True):
+            n = max(1, int(np.ceil(np.abs(b - a).max() * 2)))  # half-voxel steps
+            t = np.linspace(0.0, 1.0, n + 1)[1:, None]
+            voxels.append(a + t * (b - a))
+    if not voxels:
+        raise InputError("the scribble has no usable points: draw a path or line over the CT")
+    pts = np.rint(np.concatenate(voxels))
+    inside = np.all((pts >= 0) & (pts < np.asarray(shape)), axis=1)
+    if not inside.any():
+        raise InputError(f"the scribble lies outside the image {tuple(shape)} (z, y, x voxels)")
+    return ROI.scribble(pts[inside]).check(shape)
+
+
+def example_labels(mask: np.ndarray, structure: Structure) -> np.ndarray:
+    """A segment-by-example mask as a label map (value = the structure's index)."""
+    dtype = np.uint8 if structure.index < 256 else np.uint16
+    return np.where(np.asarray(mask, dtype=bool), structure.index, 0).astype(dtype)

@@ -170,13 +170,15 @@ class SegmentationWidget(QWidget):
         # Closing the dock also cancels a running segmentation (nothing would show its result).
         self._alive = alive = {"yes": True}
         cancel = self._cancel
-        callbacks, on_mouse = self.viewer.mouse_drag_callbacks, self._on_mouse
+        callbacks = self.viewer.mouse_drag_callbacks
+        mouse_handlers = (self._on_mouse, self._on_example_mouse)
 
         def closed(*_a: Any) -> None:
             alive.update(yes=False)
             cancel.set()
-            if on_mouse in callbacks:
-                callbacks.remove(on_mouse)
+            for handler in mouse_handlers:
+                if handler in callbacks:
+                    callbacks.remove(handler)
 
         self.destroyed.connect(closed)
         self._build()
@@ -267,6 +269,8 @@ class SegmentationWidget(QWidget):
         )
         layout.addWidget(self.pick_button)
 
+        layout.addWidget(self._build_example())
+
         wbox = QGroupBox("Weights")
         wl = QVBoxLayout(wbox)
         self.weights_label = QLabel("Weights: checking...")
@@ -314,9 +318,61 @@ class SegmentationWidget(QWidget):
         self.download_button.clicked.connect(self.download_weights)
         self.folder_button.clicked.connect(self._choose_folder)
         self.pick_button.toggled.connect(self._set_pick_mode)
+        self.example_click_button.toggled.connect(self._set_example_click_mode)
+        self.example_box_button.clicked.connect(lambda: self.segment_by_example_from("box"))
+        self.example_scribble_button.clicked.connect(lambda: self.segment_by_example_from("scribble"))
+        self.mapper_button.clicked.connect(self._choose_mapper)
         self.image_combo.currentTextChanged.connect(lambda _t: self._refresh_merge_targets())
         self.progressed.connect(self._on_progress)
         self.download_progressed.connect(self._on_download_progress)
+
+    def _build_example(self) -> QGroupBox:
+        """The "Segment by example" section: mark a structure instead of naming it (issue 8)."""
+        box = QGroupBox("Segment by example")
+        bl = QVBoxLayout(box)
+        hint = QLabel(
+            "Mark a structure without naming it: click it, draw a rectangle on a Shapes layer, or "
+            "scribble on it (a Labels layer, or a path/line on a Shapes layer)."
+        )
+        hint.setWordWrap(True)
+        hint.setStyleSheet("color: gray; font-size: small;")
+        bl.addWidget(hint)
+        self.example_click_button = QPushButton("Mark by click")
+        self.example_click_button.setCheckable(True)
+        self.example_click_button.setToolTip(
+            "While on, a click on the image ranks the 32 structures at that voxel and segments "
+            "the best one (the components the click touches) into a new layer."
+        )
+        row = QHBoxLayout()
+        self.example_box_button = QPushButton("From rectangle")
+        self.example_box_button.setToolTip("The last rectangle on a Shapes layer (the active one first)")
+        self.example_scribble_button = QPushButton("From scribble")
+        self.example_scribble_button.setToolTip(
+            "The painted voxels of the active (or last) Labels layer that is not a CDPDNet result, "
+            "or the last path/line on a Shapes layer"
+        )
+        row.addWidget(self.example_click_button)
+        row.addWidget(self.example_box_button)
+        row.addWidget(self.example_scribble_button)
+        bl.addLayout(row)
+        mrow = QHBoxLayout()
+        self.mapper_edit = QLineEdit()
+        self.mapper_edit.setPlaceholderText("no mapper: probability dominance (official checkpoint)")
+        self.mapper_edit.setClearButtonEnabled(True)
+        self.mapper_edit.setToolTip(
+            "Learned ROI prompt mapper weights (cdpdnet train-roi-prompts). Empty: the structure "
+            "whose probability dominates inside the mark, from the CDPDNet checkpoint alone."
+        )
+        self.mapper_button = QPushButton("Mapper...")
+        mrow.addWidget(QLabel("Mapper:"))
+        mrow.addWidget(self.mapper_edit, 1)
+        mrow.addWidget(self.mapper_button)
+        bl.addLayout(mrow)
+        self.example_label = QLabel("")
+        self.example_label.setWordWrap(True)
+        self.example_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        bl.addWidget(self.example_label)
+        return box
 
     def _connect_viewer(self) -> None:
         events = self.viewer.layers.events
@@ -329,6 +385,7 @@ class SegmentationWidget(QWidget):
         if e.type() == QEvent.Type.ParentChange and self.parent() is None:
             self.cancel()
             self.pick_button.setChecked(False)
+            self.example_click_button.setChecked(False)
         return super().event(e)
 
     # ------------------------------------------------------------------ layers
@@ -594,6 +651,8 @@ class SegmentationWidget(QWidget):
         self.cancel_button.setEnabled(busy and self.is_running)
         self.download_button.setEnabled(not busy)
         self.folder_button.setEnabled(not busy)
+        self.example_box_button.setEnabled(not busy)
+        self.example_scribble_button.setEnabled(not busy)
 
     def _emit_progress(self, event: ProgressEvent) -> None:
         """Called in the worker thread: hand the event to the GUI thread."""
@@ -705,6 +764,8 @@ class SegmentationWidget(QWidget):
         active = self.viewer.layers.selection.active
         if on and isinstance(active, Labels) and active.mode != "pan_zoom":
             active.mode = "pan_zoom"  # a pick click must not also paint
+        if on:
+            self.example_click_button.setChecked(False)  # one click tool at a time
         if on and self._on_mouse not in callbacks:
             callbacks.append(self._on_mouse)
         elif not on and self._on_mouse in callbacks:
@@ -761,6 +822,234 @@ class SegmentationWidget(QWidget):
             info["structures"] = list(dict.fromkeys([*info.get("structures", []), STRUCTURES[index - 1].key]))
         self.status_label.setText(f"Pick: added {name} ({coords[0].size:,} voxels) to {target.name!r}.")
         return index
+
+    # ------------------------------------------------------------------ segment by example
+    def _set_example_click_mode(self, on: bool) -> None:
+        from napari.layers import Labels
+
+        callbacks = self.viewer.mouse_drag_callbacks
+        active = self.viewer.layers.selection.active
+        if on and isinstance(active, Labels) and active.mode != "pan_zoom":
+            active.mode = "pan_zoom"  # the marking click must not also paint
+        if on:
+            self.pick_button.setChecked(False)  # one click tool at a time
+        if on and self._on_example_mouse not in callbacks:
+            callbacks.append(self._on_example_mouse)
+        elif not on and self._on_example_mouse in callbacks:
+            callbacks.remove(self._on_example_mouse)
+
+    def _on_example_mouse(self, viewer: Any, event: Any) -> None:
+        if not self._alive["yes"]:
+            return
+        if getattr(event, "type", "mouse_press") != "mouse_press":
+            return
+        if getattr(event, "button", 1) not in (1, None):
+            return
+        self.segment_by_example_at(event.position)
+
+    def _choose_mapper(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "ROI prompt mapper weights", "", "Mapper weights (*.pt *.pth);;All files (*)"
+        )
+        if path:
+            self.mapper_edit.setText(path)
+
+    def mapper_path(self) -> Path | None:
+        """The chosen mapper weights file, or None for the fallback.
+
+        Raises:
+            InputError: a path is given but is not a file.
+        """
+        text = self.mapper_edit.text().strip()
+        if not text:
+            return None
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise InputError(f"mapper weights {str(path)!r}: no such file (clear the field to use the fallback)")
+        return path
+
+    def _index_points(self, image: Any, layer: Any, vertices: np.ndarray) -> np.ndarray:
+        """``[z, y, x]`` voxel coordinates on ``image`` of a layer's data vertices.
+
+        A 2-D layer's missing leading axes take the slice the viewer shows.
+        """
+        world = np.array([layer.data_to_world(v) for v in np.asarray(vertices, float)], dtype=float)
+        if world.shape[1] < image.ndim:
+            here = np.asarray(self.viewer.dims.point, dtype=float)[-image.ndim:]
+            pad = np.tile(here[: image.ndim - world.shape[1]], (len(world), 1))
+            world = np.hstack([pad, world])
+        return np.array([np.asarray(image.world_to_data(w), dtype=float)[-3:] for w in world])
+
+    def example_roi(self, image: Any, kind: str) -> Any:
+        """The ROI of the last rectangle (``kind="box"``) or scribble (``"scribble"``).
+
+        Raises:
+            InputError: nothing of that kind is drawn, or it misses the image.
+        """
+        from napari.layers import Labels, Shapes
+
+        from napari_cdpdnet.roi.fallback import ROI
+
+        shape = image.metadata["geometry"].shape
+        active = self.viewer.layers.selection.active
+        ordered = [lyr for lyr in self.viewer.layers if lyr is not active]
+        if active is not None:
+            ordered.append(active)  # the active layer wins
+        if kind == "scribble":
+            for layer in reversed(ordered):
+                if (isinstance(layer, Labels) and not _layers.is_cdpdnet_layer(layer.metadata)
+                        and tuple(layer.data.shape) == tuple(shape) and np.any(layer.data)):
+                    return ROI.from_mask(np.asarray(layer.data)).check(shape)
+                if isinstance(layer, Shapes):
+                    lines = [i for i, t in enumerate(layer.shape_type) if t in ("path", "line")]
+                    if lines:
+                        pts = self._index_points(image, layer, layer.data[lines[-1]])
+                        return _layers.example_scribble_roi([pts], shape)
+            raise InputError(
+                "no scribble: paint the structure on a Labels layer of the image's size (not a "
+                "CDPDNet result), or draw a path or line on a Shapes layer"
+            )
+        for layer in reversed(ordered):
+            if isinstance(layer, Shapes):
+                rects = [i for i, t in enumerate(layer.shape_type) if t == "rectangle"]
+                if rects:
+                    pts = self._index_points(image, layer, layer.data[rects[-1]])
+                    return _layers.example_box_roi(pts, shape)
+        raise InputError("no rectangle: draw one around the structure with the rectangle tool of a Shapes layer")
+
+    def segment_by_example_at(self, world_position: Any) -> Any:
+        """Segment by example from a click at a world position; returns the worker or None."""
+        from napari_cdpdnet.roi.fallback import ROI
+
+        try:
+            image = self.image_layer()
+            idx = np.asarray(image.world_to_data(np.asarray(world_position, dtype=float)), dtype=float)[-3:]
+            roi = ROI.click(idx).check(image.metadata["geometry"].shape)
+        except CdpdnetError as exc:
+            self._refuse(exc)
+            return None
+        return self.segment_by_example(roi, image)
+
+    def segment_by_example_from(self, kind: str) -> Any:
+        """Segment by example from the last rectangle or scribble; returns the worker or None."""
+        try:
+            image = self.image_layer()
+            roi = self.example_roi(image, kind)
+        except CdpdnetError as exc:
+            self._refuse(exc)
+            return None
+        return self.segment_by_example(roi, image)
+
+    def segment_by_example(self, roi: Any, image: Any = None) -> Any:
+        """Rank the 32 structures for ``roi`` and segment the best into a new layer, in a worker.
+
+        The core does the work (:func:`napari_cdpdnet.roi.example.segment_by_example`); the
+        mapper file, when given, is loaded in the worker too. Returns the worker, or None when
+        refused (with a notification).
+        """
+        if self.is_running or self._weights_worker is not None:
+            show_info("CDPDNet is busy: wait for the current job or cancel it")
+            return None
+        try:
+            image = image if image is not None else self.image_layer()
+            geometry: Geometry = image.metadata["geometry"]
+            roi.check(geometry.shape)
+            mapper = self.mapper_path()
+            settings = SegmentationSettings(
+                preset=self.preset_combo.currentText(), device=self.device_combo.currentText()
+            )
+            from napari_cdpdnet.pipeline import resolve_device
+
+            resolve_device(settings.device)
+        except CdpdnetError as exc:
+            self._refuse(exc)
+            return None
+        ctx = _RunContext(
+            image_layer=image.name,
+            geometry=geometry,
+            source_path=image.metadata.get("source_path"),
+            request=f"by example: {roi.describe()}",
+            structures=[],
+            preset=settings.preset,
+            merge_into=None,
+        )
+        self._cancel.clear()
+        worker = create_worker(
+            _example_job,
+            self.segmenter,
+            np.asarray(image.data),
+            geometry,
+            roi,
+            settings,
+            mapper,
+            self._emit_progress,
+            self._cancel.is_set,
+            _start_thread=False,
+            _ignore_errors=True,
+        )
+        alive = self._alive
+        worker.returned.connect(lambda res: alive["yes"] and self._on_example_result(res, ctx))
+        worker.errored.connect(lambda exc: alive["yes"] and self._on_error(exc))
+        worker.finished.connect(lambda: alive["yes"] and self._on_finished())
+        self._worker = worker
+        self._last_status = "error"
+        self._started = time.perf_counter()
+        self._set_busy(True)
+        how = "learned mapper" if mapper is not None else "probability dominance"
+        self.status_label.setText(f"Segment by example ({how}): {roi.describe()}...")
+        self.example_label.setText("")
+        self.progress_bar.setRange(0, 0)
+        worker.start()
+        return worker
+
+    def _on_example_result(self, res: Any, ctx: _RunContext) -> None:
+        """Show the ranking, the method and the ROI's sentence; add the mask as a new layer."""
+        top = "\n".join(
+            f"{i}. {c.structure.name}: {c.confidence:.0%}" for i, c in enumerate(res.ranking.top(3), 1)
+        )
+        lines = [f"Answered by: {res.ranking.method}", top]
+        if res.prompt:
+            lines.append(f"ROI: {res.prompt}")
+        lines += res.notes
+        self.example_label.setText("\n".join(lines))
+        for note in res.notes:
+            show_warning(note)
+        if not res.mask.any():
+            self.status_label.setText(f"Segment by example: no {res.structure.name} found; no layer added.")
+            self._last_status = "done"
+            return
+        structure = res.structure
+        run = _layers.next_run_number((lyr.metadata for lyr in self.viewer.layers), ctx.image_layer)
+        try:
+            data, kwargs, _ = _layers.labels_layer_data(
+                _layers.example_labels(res.mask, structure),
+                ctx.geometry,
+                [structure],
+                image_layer=ctx.image_layer,
+                source_path=ctx.source_path,
+                request=ctx.request,
+                preset=ctx.preset,
+                run=run,
+            )
+        except CdpdnetError as exc:
+            show_error(str(exc))
+            self._last_status = "error"
+            return
+        kwargs["metadata"]["cdpdnet"]["example"] = {
+            "method": res.ranking.method,
+            "top": [(c.structure.key, round(float(c.confidence), 4)) for c in res.ranking.top(3)],
+            "prompt": res.prompt,
+            "touched": bool(res.touched),
+        }
+        layer = self.viewer.add_labels(data, **kwargs)
+        self._trackers[id(layer)] = _layers.EditTracker(layer)
+        layer.selected_label = structure.index
+        voxels = int(np.count_nonzero(data))
+        self.status_label.setText(
+            f"Done in {_duration(res.seconds)}: added {layer.name!r}, {structure.name} {voxels:,} voxels."
+        )
+        self._last_status = "done"
+        self._refresh_merge_targets()
 
     # ------------------------------------------------------------------ weights
     def refresh_weights_status(self) -> None:
@@ -879,6 +1168,25 @@ def _segment_job(
         cache = _layers.ProbabilityCache.from_probabilities(geometry, probs, "")
         output.result.probabilities = None  # float32 maps are 4x larger: keep only the cache
     return _RunOutput(output, cache)
+
+
+def _example_job(
+    segmenter: Segmenter,
+    array: np.ndarray,
+    geometry: Geometry,
+    roi: Any,
+    settings: SegmentationSettings,
+    mapper_path: Path | None,
+    progress: Any,
+    should_stop: Any,
+) -> Any:
+    """Worker-thread body of segment by example: load the mapper (if any), then the core run."""
+    from napari_cdpdnet.roi.example import segment_by_example
+    from napari_cdpdnet.roi.mapper import RoiMapper
+
+    mapper = RoiMapper.load(mapper_path) if mapper_path is not None else None
+    return segment_by_example(segmenter, array, geometry, roi, settings, mapper=mapper,
+                              progress=progress, should_stop=should_stop)
 
 
 def _duration(seconds: float) -> str:

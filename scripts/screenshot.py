@@ -1,10 +1,14 @@
-"""Save docs/screenshot.png: napari with the CDPDNet segmentation widget docked and a result shown.
+"""Save docs/screenshot.png: napari with both CDPDNet docks and a result shown over the CT.
+
+Docks: "CDPDNet segmentation" (with its segment-by-example section) and "CDPDNet structures"
+(the table filled for the result). The result layer is drawn at a lower opacity so the CT
+stays readable under it.
 
 The model is a *tiny random* CDPDNet written on the fly (tests/model_support.py), so the picture
 shows the interface, not segmentation quality; the caption in the image says so. Needs a
 display: run it under Xvfb from the repository root:
 
-    xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/screenshot.py
+    xvfb-run -a -s "-screen 0 1600x1250x24" python scripts/screenshot.py
 
 Options: ``--ct PATH`` (default: ../shared/data/totalsegmentator/example_ct.nii.gz beside the
 checkout), ``--out PATH`` (default docs/screenshot.png), ``--request TEXT``.
@@ -20,6 +24,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_BYTES = 1_000_000
+#: Opacity of the result layer in the picture (the default 0.5 hides too much of the CT).
+RESULT_OPACITY = 0.3
 
 
 def _register_manifest() -> None:
@@ -68,18 +74,21 @@ def main(argv: list[str] | None = None) -> int:
     from model_support import write_tiny_weights
     from qtpy.QtCore import QEventLoop, QTimer
 
+    from napari_cdpdnet._table_widget import StructureTableWidget
     from napari_cdpdnet._widget import SegmentationWidget
     from napari_cdpdnet.segmenter import Segmenter
 
     _register_manifest()
     viewer = napari.Viewer(show=True, title="napari-cdpdnet")
-    viewer.window.resize(1500, 950)
+    viewer.window.resize(1580, 1230)
     [image] = viewer.open(str(args.ct), plugin="napari-cdpdnet")
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, dino, _ = write_tiny_weights(Path(tmp))
         segmenter = Segmenter(checkpoint=ckpt, dino=dino, allow_download=False)
         widget = SegmentationWidget(viewer, segmenter=segmenter)
         viewer.window.add_dock_widget(widget, name="CDPDNet segmentation", area="right")
+        table = StructureTableWidget(viewer)
+        viewer.window.add_dock_widget(table, name="CDPDNet structures", area="right")
         widget.text_edit.setText(args.request)
         widget.preset_combo.setCurrentText("fast")
         loop = QEventLoop()
@@ -91,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         if status != ["done"]:
             raise SystemExit(f"run ended with {status}: {widget.status_label.text()}")
         labels = viewer.layers[-1]
+        labels.opacity = RESULT_OPACITY
+        table.labels_combo.setCurrentText(labels.name)
+        table.table.setMinimumHeight(84)  # header and both rows visible
+        table.refresh()
+        if not table.rows:
+            raise SystemExit(f"the structure table stayed empty: {table.status.text()}")
         # show a slice through the middle of the result
         z = int(labels.data.any(axis=(1, 2)).nonzero()[0].mean()) if labels.data.any() else image.data.shape[0] // 2
         viewer.dims.set_point(0, image.data_to_world([z, 0, 0])[0])
