@@ -7,7 +7,7 @@ other way round). Two stages keep the cost down on large scans:
    (``context_mm`` on every side); the ranking comes from the learned mapper when one is given,
    else from the fallback (:func:`~napari_cdpdnet.roi.fallback.rank_by_probability`).
 2. **segment** — the chosen structure is segmented on the whole scan (one task pass, no
-   probabilities; skipped when the crop already was the whole scan) and restricted to the
+   probabilities, only that structure requested) and restricted to the
    connected components the ROI touches.
 """
 
@@ -153,18 +153,17 @@ def segment_by_example(
 
     t0 = time.perf_counter()
     settings = settings or SegmentationSettings()
-    ranking, crop_labels, crop = rank_roi(
+    ranking, _crop_labels, _crop = rank_roi(
         segmenter, array, geometry, roi, settings, context_mm=context_mm, mapper=mapper,
         progress=progress, should_stop=should_stop)
     chosen = choose or ranking.best.structure
     notes = [ranking.note] if ranking.note else []
-    whole = all(s.start == 0 and s.stop == n for s, n in zip(crop, array.shape, strict=True))
-    if whole and crop_labels is not None:
-        full = crop_labels == chosen.index
-    else:
-        out = segmenter.segment(array, geometry, [chosen], replace(settings, return_probabilities=False),
-                                progress=progress, should_stop=should_stop)
-        full = out.labels == chosen.index
+    # Always a pass of its own, even when the crop was the whole scan: in the all-structures
+    # label map other structures (tumours, neighbours whose sigmoid also passed 0.5) paint over
+    # parts of the chosen one, and post-processing depends on what was requested.
+    out = segmenter.segment(array, geometry, [chosen], replace(settings, return_probabilities=False),
+                            progress=progress, should_stop=should_stop)
+    full = out.labels == chosen.index
     mask, touched = restrict(full, roi, geometry=geometry)
     if not mask.any():
         notes.append(f"{chosen.name}: not found in this scan")
