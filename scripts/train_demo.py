@@ -5,7 +5,7 @@ Splits the reference structures into two disjoint halves = two pseudo datasets (
 two partial label maps), trains a tiny random-init CDPDNet with each loss on the CPU, and prints
 both Dice/HD95 tables on the full reference. See docs/training.md for a recorded run.
 
-    python scripts/train_demo.py --steps 120 --threads 1
+    python scripts/train_demo.py --steps 120 --threads 1 --parallel
 """
 
 from __future__ import annotations
@@ -25,11 +25,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="folder with example_ct.nii.gz and example_seg_full.nii.gz")
     p.add_argument("--work", type=Path, help="output folder (default: a temporary folder)")
     p.add_argument("--steps", type=int, default=120, help="optimiser steps per model")
-    p.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (cosine to lr/10)")
+    p.add_argument("--lr", type=float, default=3e-2, help="peak learning rate (cosine to lr/10)")
     p.add_argument("--spacing", type=float, default=5.0, help="training grid spacing in mm")
     p.add_argument("--task", type=int, default=0, help="task prompt of both pseudo datasets")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--widths", help="CNN widths of the tiny model, 6 comma-separated ints "
+                   "(default: demo.DEMO_WIDTHS; 'tiny' = CDPDNetConfig.tiny())")
     p.add_argument("--parallel", action="store_true", help="train both models at once (two processes)")
     p.add_argument("--half-a", help="structure keys of pseudo dataset A, comma-separated (default: demo.HALF_A)")
     p.add_argument("--half-b", help="structure keys of pseudo dataset B, comma-separated (default: demo.HALF_B)")
@@ -38,7 +40,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sys.path.insert(0, str(REPO))
-    from napari_cdpdnet.training.demo import HALF_A, HALF_B, format_tables, run_demo
+    from napari_cdpdnet.training.demo import DEMO_WIDTHS, HALF_A, HALF_B, format_tables, run_demo
+
+    widths: tuple[int, ...] | None = DEMO_WIDTHS
+    if args.widths == "tiny":
+        widths = None
+    elif args.widths:
+        try:
+            widths = tuple(int(v) for v in args.widths.split(","))
+            from napari_cdpdnet.model import CDPDNetConfig
+
+            CDPDNetConfig.tiny().replace(widths=widths)  # validates before any training
+        except ValueError as exc:
+            print(f"--widths {args.widths!r}: {exc}", file=sys.stderr)
+            return 2
 
     halves = tuple(
         tuple(k.strip() for k in text.split(",") if k.strip()) if text else default
@@ -57,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         work = args.work or Path(tmp)
         result = run_demo(ct, ref, work, steps=args.steps, lr=args.lr, spacing=args.spacing,
                           seed=args.seed, task=args.task, threads=args.threads, progress=args.verbose,
-                          parallel=args.parallel, halves=halves)
+                          parallel=args.parallel, halves=halves, widths=widths)
     print(format_tables(result))
     return 0
 

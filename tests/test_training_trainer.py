@@ -199,3 +199,18 @@ def test_train_step_under_ddp_with_two_task_groups(tmp_path: Path) -> None:
         assert float(terms.total) == pytest.approx((2 * float(t0.total) + float(t3.total)) / 3, rel=1e-4)
     finally:
         dist.destroy_process_group()
+
+
+def test_architecture_override_builds_that_network(case: Path, tmp_path: Path) -> None:
+    """``Trainer(architecture=...)`` (the training demo's wider tiny model) replaces ``model: tiny``."""
+    from napari_cdpdnet.model import CDPDNetConfig
+    from napari_cdpdnet.training.trainer import build_training_model
+
+    cfg = parse_config(_config(case, tmp_path / "run"))
+    wide = CDPDNetConfig.tiny().replace(widths=(8, 16, 24, 32, 40, 40))
+    model, random_dino = build_training_model(cfg, wide)
+    assert random_dino and model.net.config.widths == wide.widths
+    assert model.net.seg_outputs[4].in_channels == 8
+    default, _ = build_training_model(cfg)
+    assert default.net.config.widths == CDPDNetConfig.tiny().widths
+    assert not any(p.requires_grad for p in model.dino.vit.parameters())

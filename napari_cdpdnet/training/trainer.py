@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,6 +34,9 @@ from napari_cdpdnet.errors import Cancelled, InputError, WeightsError
 from napari_cdpdnet.training.config import TrainConfig
 from napari_cdpdnet.training.loss import LossTerms, partial_label_loss
 from napari_cdpdnet.training.schedule import LinearWarmupCosineAnnealingLR
+
+if TYPE_CHECKING:
+    from napari_cdpdnet.model import CDPDNetConfig
 
 __all__ = [
     "DistInfo",
@@ -92,11 +95,14 @@ def _load_text_embeddings(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return out[0], out[1]
 
 
-def build_training_model(config: TrainConfig) -> tuple[torch.nn.Module, bool]:
+def build_training_model(
+    config: TrainConfig, architecture: CDPDNetConfig | None = None,
+) -> tuple[torch.nn.Module, bool]:
     """The model to train and whether its DINO weights are random (then they must be saved).
 
     From ``config.init`` (official checkpoint + DINO weights, strict) or from scratch (official or
-    tiny architecture; DINO from ``config.dino`` when given).
+    tiny architecture; DINO from ``config.dino`` when given). ``architecture`` replaces the named
+    from-scratch architecture (experiments such as the training demo; not a user setting).
     """
     from napari_cdpdnet.model import (
         CDPDNetConfig,
@@ -112,7 +118,10 @@ def build_training_model(config: TrainConfig) -> tuple[torch.nn.Module, bool]:
             raise InputError("training config: dino: required with an official checkpoint in 'init'")
         model = build_from_official(load_official_checkpoint(config.init), load_dino_state_dict(config.dino))
         return model, False
-    arch = CDPDNetConfig.tiny() if config.model == "tiny" else CDPDNetConfig.official()
+    if architecture is not None:
+        arch = architecture
+    else:
+        arch = CDPDNetConfig.tiny() if config.model == "tiny" else CDPDNetConfig.official()
     model = build_model(arch, seed=config.seed)
     if config.text_embeddings is not None:
         organ, task = _load_text_embeddings(config.text_embeddings)
@@ -247,13 +256,16 @@ class Trainer:
         progress: show a tqdm bar (main rank only).
         should_stop: polled after every step; True stops after writing ``latest.pth``
             and raises :class:`Cancelled`.
+        architecture: a from-scratch architecture other than ``config.model`` (experiments;
+            ignored with ``config.init``, whose checkpoint fixes the architecture).
     """
 
     def __init__(
         self, config: TrainConfig, *, device: str = "auto", progress: bool = True,
-        should_stop: Callable[[], bool] | None = None,
+        should_stop: Callable[[], bool] | None = None, architecture: CDPDNetConfig | None = None,
     ) -> None:
         self.config = config
+        self.architecture = architecture
         self.dist = DistInfo.from_env()
         self.progress = progress
         self.should_stop = should_stop or (lambda: False)
@@ -307,7 +319,7 @@ class Trainer:
         if self.device.type == "cuda":  # seeded, but keep cuDNN's fast (non-deterministic) kernels
             torch.backends.cudnn.deterministic = False
             torch.backends.cudnn.benchmark = True
-        model, random_dino = build_training_model(self.config)
+        model, random_dino = build_training_model(self.config, self.architecture)
         model.to(self.device).train()
         self.random_dino = random_dino
         self.union = torch.zeros(32, dtype=torch.bool)
