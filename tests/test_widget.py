@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from model_support import write_tiny_weights
+
 from napari_cdpdnet import _layers
 from napari_cdpdnet.errors import InputError
 from napari_cdpdnet.geometry import Geometry
