@@ -769,28 +769,32 @@ class SegmentationWidget(QWidget):
         self.run_finished.emit(self._last_status)
 
     # ------------------------------------------------------------------ point and click
-    def _set_pick_mode(self, on: bool) -> None:
+    def _set_click_tool(self, on: bool, callback: Any, other_button: Any) -> None:
+        """Install or remove a click tool on the viewer; only one click tool is on at a time."""
         from napari.layers import Labels
 
         callbacks = self.viewer.mouse_drag_callbacks
         active = self.viewer.layers.selection.active
         if on and isinstance(active, Labels) and active.mode != "pan_zoom":
-            active.mode = "pan_zoom"  # a pick click must not also paint
+            active.mode = "pan_zoom"  # a tool's click must not also paint
         if on:
-            self.example_click_button.setChecked(False)  # one click tool at a time
-        if on and self._on_mouse not in callbacks:
-            callbacks.append(self._on_mouse)
-        elif not on and self._on_mouse in callbacks:
-            callbacks.remove(self._on_mouse)
+            other_button.setChecked(False)
+        if on and callback not in callbacks:
+            callbacks.append(callback)
+        elif not on and callback in callbacks:
+            callbacks.remove(callback)
+
+    def _is_left_press(self, event: Any) -> bool:
+        """A left-button press on a live widget (drags and other buttons are ignored)."""
+        return (self._alive["yes"] and getattr(event, "type", "mouse_press") == "mouse_press"
+                and getattr(event, "button", 1) in (1, None))
+
+    def _set_pick_mode(self, on: bool) -> None:
+        self._set_click_tool(on, self._on_mouse, self.example_click_button)
 
     def _on_mouse(self, viewer: Any, event: Any) -> None:
-        if not self._alive["yes"]:
-            return
-        if getattr(event, "type", "mouse_press") != "mouse_press":
-            return
-        if getattr(event, "button", 1) not in (1, None):
-            return
-        self.pick_at(event.position)
+        if self._is_left_press(event):
+            self.pick_at(event.position)
 
     def pick_at(self, world_position: Any) -> int | None:
         """Add (or select) the structure under a world position from the cached probabilities.
@@ -837,27 +841,11 @@ class SegmentationWidget(QWidget):
 
     # ------------------------------------------------------------------ segment by example
     def _set_example_click_mode(self, on: bool) -> None:
-        from napari.layers import Labels
-
-        callbacks = self.viewer.mouse_drag_callbacks
-        active = self.viewer.layers.selection.active
-        if on and isinstance(active, Labels) and active.mode != "pan_zoom":
-            active.mode = "pan_zoom"  # the marking click must not also paint
-        if on:
-            self.pick_button.setChecked(False)  # one click tool at a time
-        if on and self._on_example_mouse not in callbacks:
-            callbacks.append(self._on_example_mouse)
-        elif not on and self._on_example_mouse in callbacks:
-            callbacks.remove(self._on_example_mouse)
+        self._set_click_tool(on, self._on_example_mouse, self.pick_button)
 
     def _on_example_mouse(self, viewer: Any, event: Any) -> None:
-        if not self._alive["yes"]:
-            return
-        if getattr(event, "type", "mouse_press") != "mouse_press":
-            return
-        if getattr(event, "button", 1) not in (1, None):
-            return
-        self.segment_by_example_at(event.position)
+        if self._is_left_press(event):
+            self.segment_by_example_at(event.position)
 
     def _choose_mapper(self) -> None:
         path, _ = QFileDialog.getOpenFileName(
