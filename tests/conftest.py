@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,3 +62,38 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never download: the Hugging Face hub is forced offline for every test."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+# ------------------------------------------------------------------ shared by the CLI and GUI tests
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny random model in the official checkpoint format: (checkpoint, DINO weights)."""
+    from model_support import write_tiny_weights
+
+    ckpt, dino, _ = write_tiny_weights(tmp_path_factory.mktemp("weights"))
+    return ckpt, dino
+
+
+@pytest.fixture(scope="module")
+def segmenter(weights):
+    """A Segmenter on the tiny weights that never downloads."""
+    from napari_cdpdnet.segmenter import Segmenter
+
+    return Segmenter(checkpoint=weights[0], dino=weights[1], allow_download=False)
+
+
+@pytest.fixture
+def notes(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """What the segmentation widget showed as napari notifications, by kind."""
+    import napari_cdpdnet._widget as w
+
+    seen: dict[str, list[str]] = {"error": [], "warning": [], "info": []}
+    for kind in seen:
+        real = getattr(w, f"show_{kind}")
+
+        def capture(message: str, _kind: str = kind, _real: Any = real) -> None:
+            seen[_kind].append(str(message))
+            _real(message)
+
+        monkeypatch.setattr(w, f"show_{kind}", capture)
+    return seen

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from model_support import write_tiny_weights
 
 from napari_cdpdnet.cli import main
 from napari_cdpdnet.errors import Cancelled
@@ -17,12 +16,6 @@ from napari_cdpdnet.pipeline import SegmentationSettings
 from napari_cdpdnet.segmenter import Segmenter
 
 pytestmark = pytest.mark.shared
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    ckpt, dino, _ = write_tiny_weights(tmp_path_factory.mktemp("weights"))
-    return ckpt, dino
 
 
 @pytest.fixture(scope="module")

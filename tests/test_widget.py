@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from model_support import write_tiny_weights
+from gui_support import add_segmentation_dock
 
 from napari_cdpdnet import _layers
 from napari_cdpdnet.errors import InputError
@@ -141,36 +141,6 @@ def test_box_on_voxels_becomes_an_lps_roi_and_flat_axes_span_the_image() -> None
 
 
 # ================================================================== the widget in a viewer
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    ckpt, dino, _ = write_tiny_weights(tmp_path_factory.mktemp("weights"))
-    return ckpt, dino
-
-
-@pytest.fixture(scope="module")
-def segmenter(weights):
-    from napari_cdpdnet.segmenter import Segmenter
-
-    return Segmenter(checkpoint=weights[0], dino=weights[1], allow_download=False)
-
-
-@pytest.fixture
-def notes(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
-    """What the widget showed as napari notifications, by kind."""
-    import napari_cdpdnet._widget as w
-
-    seen: dict[str, list[str]] = {"error": [], "warning": [], "info": []}
-    for kind in seen:
-        real = getattr(w, f"show_{kind}")
-
-        def capture(message: str, _kind: str = kind, _real: Any = real) -> None:
-            seen[_kind].append(str(message))
-            _real(message)
-
-        monkeypatch.setattr(w, f"show_{kind}", capture)
-    return seen
-
-
 def _register_manifest():
     npe2 = pytest.importorskip("npe2")
     pm = npe2.PluginManager.instance()
@@ -184,15 +154,6 @@ def _open_ct(viewer, shared_path) -> Any:
     path = shared_path("data", "totalsegmentator", "example_ct.nii.gz")
     [layer] = viewer.open(str(path), plugin="napari-cdpdnet")
     return layer
-
-
-def _widget(viewer, qtbot, segmenter=None):
-    from napari_cdpdnet._widget import SegmentationWidget
-
-    widget = SegmentationWidget(viewer, segmenter=segmenter)
-    viewer.window.add_dock_widget(widget, name="CDPDNet segmentation")
-    qtbot.waitUntil(lambda: "checking" not in widget.weights_label.text(), timeout=30_000)
-    return widget
 
 
 def _run(qtbot, widget, timeout_s: float = 150) -> str:
@@ -215,7 +176,7 @@ def test_run_cancel_edit_rerun_merge_and_pick(make_napari_viewer, qtbot, shared_
     viewer = make_napari_viewer()
     image = _open_ct(viewer, shared_path)
     geometry: Geometry = image.metadata["geometry"]
-    widget = _widget(viewer, qtbot, segmenter)
+    widget = add_segmentation_dock(viewer, qtbot, segmenter)
     assert widget.image_combo.currentText() == image.name
     assert "ready" in widget.weights_label.text()
 
@@ -341,7 +302,7 @@ def test_unknown_structure_is_a_notification_not_a_traceback(
 ) -> None:
     viewer = make_napari_viewer()
     _open_ct(viewer, shared_path)
-    widget = _widget(viewer, qtbot, segmenter)
+    widget = add_segmentation_dock(viewer, qtbot, segmenter)
     widget.text_edit.setText("liver, brain")
     qtbot.waitUntil(lambda: "not resolved" in widget.resolved_label.text(), timeout=2000)
     assert "brain" in widget.resolved_label.text()
@@ -379,7 +340,7 @@ def test_completion_checklist_and_no_image(make_napari_viewer, qtbot, segmenter,
     from napari_cdpdnet.vocabulary import FIXED_CONDITIONING_NOTE
 
     viewer = make_napari_viewer()
-    widget = _widget(viewer, qtbot, segmenter)
+    widget = add_segmentation_dock(viewer, qtbot, segmenter)
     terms = completion_terms()
     assert {"Liver", "left kidney", "IVC"} <= set(terms)
     assert widget.completer.splitPath("liver, left ki") == ["left ki"]
@@ -401,7 +362,7 @@ def test_weights_folder_and_offline_download(make_napari_viewer, qtbot, weights,
     monkeypatch.delenv("CDPDNET_WEIGHTS_DIR", raising=False)
     monkeypatch.setenv("CDPDNET_OFFLINE", "1")
     viewer = make_napari_viewer()
-    widget = _widget(viewer, qtbot)  # the default Segmenter: nothing anywhere
+    widget = add_segmentation_dock(viewer, qtbot)  # the default Segmenter: nothing anywhere
     assert "not found" in widget.weights_label.text()
     assert "cdpdnet.pth" in widget.weights_label.toolTip()
     folder = weights[0].parent
@@ -463,7 +424,7 @@ def test_manifest_docks_the_widget(make_napari_viewer, qtbot, monkeypatch, tmp_p
 def test_closing_the_dock_detaches_the_widget(make_napari_viewer, qtbot, segmenter) -> None:
     viewer = make_napari_viewer()
     image = viewer.add_image(np.zeros((3, 4, 5)), name="ct")
-    widget = _widget(viewer, qtbot, segmenter)
+    widget = add_segmentation_dock(viewer, qtbot, segmenter)
     widget.pick_button.setChecked(True)
     assert widget._on_mouse in viewer.mouse_drag_callbacks
     viewer.window.remove_dock_widget(widget)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from model_support import write_tiny_weights
+from gui_support import add_segmentation_dock
 
 from napari_cdpdnet.geometry import Geometry
 from napari_cdpdnet.roi.fallback import FALLBACK_METHOD
@@ -38,19 +38,6 @@ def _gui(test):
 #: Around the left kidney (value 3 after mapping; voxels z 72..104, y 27..49, x 23..44 at 3 mm).
 CROP = (slice(66, 106), slice(18, 58), slice(14, 54))
 LEFT_KIDNEY = structure("left_kidney")
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    ckpt, dino, _ = write_tiny_weights(tmp_path_factory.mktemp("weights"))
-    return ckpt, dino
-
-
-@pytest.fixture(scope="module")
-def segmenter(weights):
-    from napari_cdpdnet.segmenter import Segmenter
-
-    return Segmenter(checkpoint=weights[0], dino=weights[1], allow_download=False)
 
 
 class _SoftTissueOracle:
@@ -95,33 +82,12 @@ def crop(shared_path) -> tuple[np.ndarray, Geometry, np.ndarray]:
     return np.ascontiguousarray(ct.array[CROP]), crop_geometry(ct.geometry, CROP), labels
 
 
-@pytest.fixture
-def notes(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
-    """What the widget showed as napari notifications, by kind."""
-    import napari_cdpdnet._widget as w
-
-    seen: dict[str, list[str]] = {"error": [], "warning": [], "info": []}
-    for kind in seen:
-        real = getattr(w, f"show_{kind}")
-
-        def capture(message: str, _kind: str = kind, _real: Any = real) -> None:
-            seen[_kind].append(str(message))
-            _real(message)
-
-        monkeypatch.setattr(w, f"show_{kind}", capture)
-    return seen
-
-
 def _setup(make_napari_viewer, qtbot, segmenter, crop) -> tuple[Any, Any, Any]:
-    from napari_cdpdnet._widget import SegmentationWidget
-
     array, geometry, _ = crop
     viewer = make_napari_viewer()
     image = viewer.add_image(array, name="ct crop", metadata={"geometry": geometry},
                              **geometry.napari_transform())
-    widget = SegmentationWidget(viewer, segmenter=segmenter)
-    viewer.window.add_dock_widget(widget, name="CDPDNet segmentation")
-    qtbot.waitUntil(lambda: "checking" not in widget.weights_label.text(), timeout=30_000)
+    widget = add_segmentation_dock(viewer, qtbot, segmenter)
     widget.preset_combo.setCurrentText("fast")
     return viewer, image, widget
 
