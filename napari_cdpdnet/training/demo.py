@@ -23,8 +23,8 @@ only the BCE pushes down, and it is outweighed by the labelling dataset's Dice t
 same voxels. Suppression needs the unlabelled structure where no labelled copy contradicts it,
 as in real collections whose images differ.
 
-Status: at CPU budgets (≤ 40 min per pair of models) the recorded runs (docs/training.md) do not
-show the effect consistently; some structures favour one loss, some the other.
+Status (docs/training.md): the 900-step run shows the effect in both halves; shorter runs
+(≤ 400 steps, models not yet fitted) are mixed.
 
 These label maps are TotalSegmentator model outputs, not manual ground truth; the point is the
 comparison, not the absolute numbers.
