@@ -19,6 +19,7 @@ block_triton_without_cuda()
 import logging  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING, Any  # noqa: E402
@@ -620,28 +621,33 @@ class SegmentationWidget(QWidget):
             merge_into=merge_into,
         )
         array = np.asarray(image.data)
+        return self._start_worker(
+            _segment_job,
+            (self.segmenter, array, ctx.geometry, structures, settings),
+            lambda out: self._on_result(out, ctx),
+            f"Running: {', '.join(s.name for s in structures)}...",
+        )
+
+    def _start_worker(
+        self, job: Callable[..., Any], args: tuple[Any, ...], on_result: Callable[[Any], None], status: str
+    ) -> Any:
+        """Run ``job(*args, progress, cancelled)`` in a thread worker, the dock busy until it ends.
+
+        Results, errors and the end reach the dock only while it is alive (closing it detaches).
+        """
         self._cancel.clear()
         worker = create_worker(
-            _segment_job,
-            self.segmenter,
-            array,
-            ctx.geometry,
-            structures,
-            settings,
-            self._emit_progress,
-            self._cancel.is_set,
-            _start_thread=False,
-            _ignore_errors=True,
+            job, *args, self._emit_progress, self._cancel.is_set, _start_thread=False, _ignore_errors=True
         )
         alive = self._alive
-        worker.returned.connect(lambda out: alive["yes"] and self._on_result(out, ctx))
+        worker.returned.connect(lambda out: alive["yes"] and on_result(out))
         worker.errored.connect(lambda exc: alive["yes"] and self._on_error(exc))
         worker.finished.connect(lambda: alive["yes"] and self._on_finished())
         self._worker = worker
         self._last_status = "error"
         self._started = time.perf_counter()
         self._set_busy(True)
-        self.status_label.setText(f"Running: {', '.join(s.name for s in structures)}...")
+        self.status_label.setText(status)
         self.progress_bar.setRange(0, 0)
         worker.start()
         return worker
@@ -973,34 +979,14 @@ class SegmentationWidget(QWidget):
             preset=settings.preset,
             merge_into=None,
         )
-        self._cancel.clear()
-        worker = create_worker(
-            _example_job,
-            self.segmenter,
-            np.asarray(image.data),
-            geometry,
-            roi,
-            settings,
-            mapper,
-            self._emit_progress,
-            self._cancel.is_set,
-            _start_thread=False,
-            _ignore_errors=True,
-        )
-        alive = self._alive
-        worker.returned.connect(lambda res: alive["yes"] and self._on_example_result(res, ctx))
-        worker.errored.connect(lambda exc: alive["yes"] and self._on_error(exc))
-        worker.finished.connect(lambda: alive["yes"] and self._on_finished())
-        self._worker = worker
-        self._last_status = "error"
-        self._started = time.perf_counter()
-        self._set_busy(True)
         how = "learned mapper" if mapper is not None else "probability dominance"
-        self.status_label.setText(f"Segment by example ({how}): {roi.describe()}...")
         self.example_label.setText("")
-        self.progress_bar.setRange(0, 0)
-        worker.start()
-        return worker
+        return self._start_worker(
+            _example_job,
+            (self.segmenter, np.asarray(image.data), geometry, roi, settings, mapper),
+            lambda res: self._on_example_result(res, ctx),
+            f"Segment by example ({how}): {roi.describe()}...",
+        )
 
     def _on_example_result(self, res: Any, ctx: _RunContext) -> None:
         """Show the ranking, the method and the ROI's sentence; add the mask as a new layer."""
