@@ -68,6 +68,7 @@ __all__ = [
     "resolve_clip",
     "download_all",
     "hf_downloader",
+    "hub_unreachable",
     "verify",
     "verify_file",
     "record_checksums",
@@ -119,6 +120,8 @@ class WeightSpec:
     terms: str
     needed_for: str
     option: str
+    #: Not needed to segment (CLIP): absent is fine, only a damaged copy is a problem.
+    optional: bool = False
 
     def url(self, filename: str) -> str:
         """Where a browser can fetch the file (the hub's plain download URL)."""
@@ -184,6 +187,7 @@ REGISTRY: tuple[WeightSpec, ...] = (
             "synonyms and typos work without it)"
         ),
         option="--clip PATH",
+        optional=True,
     ),
 )
 
@@ -594,10 +598,9 @@ def _download_one(
         except (KeyboardInterrupt, WeightsError):
             raise
         except Exception as exc:  # noqa: BLE001 - any transport error becomes one clear message
-            raise WeightsError(
+            raise _DownloadFailed(
                 f"downloading {wf.filename} from {component.url(wf.filename)} failed: "
-                f"{type(exc).__name__}: {exc}. Check the network (or HF_ENDPOINT / proxy settings), "
-                f"or fetch the file on another machine and put it at {target}"
+                f"{type(exc).__name__}: {str(exc).strip().rstrip('.')}"
             ) from exc
         check = verify_file(part, expected=wf, expected_sha256=hub_sha)
         if not check.usable:
@@ -625,6 +628,48 @@ def _download_one(
     finally:
         if part.exists():
             part.unlink()
+
+
+class _DownloadFailed(WeightsError):
+    """One file's transfer failed; the caller turns it into the list of everything still missing."""
+
+
+#: Seconds to wait for the hub to answer before calling it unreachable (a firewall that drops
+#: packets would otherwise cost huggingface_hub's five retries, about 30 s, per file).
+HUB_PROBE_TIMEOUT = 5.0
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT) -> str | None:
+    """Why the Hugging Face hub (``$HF_ENDPOINT`` or huggingface.co) cannot be reached, or None.
+
+    One HEAD request with a short timeout, through the same proxy settings as the download
+    (urllib reads ``HTTPS_PROXY`` & co.). Any HTTP answer, even an error status, means reachable.
+    """
+    import urllib.error
+    import urllib.request
+
+    endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    try:
+        with urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return f"the Hugging Face hub ({endpoint}) cannot be reached: {reason}"
+
+
+hf_downloader.unreachable = hub_unreachable  # type: ignore[attr-defined]
+
+
+def _source_unreachable(downloader: Downloader) -> str | None:
+    """Why the downloader's source cannot be reached (checked once, quickly), or None.
+
+    A downloader may carry an ``unreachable()`` check (the Hugging Face one does); others
+    (mirrors, tests) are trusted.
+    """
+    probe = getattr(downloader, "unreachable", None)
+    return probe() if callable(probe) else None
 
 
 # --------------------------------------------------------------------------- resolving
@@ -667,7 +712,7 @@ def _missing_error(
     lines = [f"{headline or 'CDPDNet cannot find intact weights'}, and {why}. Missing:"]
     for m in missing:
         lines.append(
-            f"  - {m.wf.filename} ({m.component.title}, {m.component.approx_size}; {m.component.needed_for})"
+            f"  - {m.wf.filename} ({m.component.title}, {m.component.approx_size}; needed for {m.component.needed_for})"
         )
         for p in m.problems:
             lines.append(f"      problem:     {p}")
@@ -822,13 +867,18 @@ def _resolve_many(
     if not missing:
         return out
     why = "downloading was not allowed" if not allow_download else downloads_disabled()
+    downloader = downloader or hf_downloader
+    why = why or _source_unreachable(downloader)
     if why:
         raise _missing_error(missing, why)
     folder = weights_cache_dir()
-    for m in missing:
-        check = _download_one(
-            folder, m.component, m.wf, downloader=downloader or hf_downloader, progress=progress
-        )
+    for i, m in enumerate(missing):
+        try:
+            check = _download_one(
+                folder, m.component, m.wf, downloader=downloader, progress=progress
+            )
+        except _DownloadFailed as exc:
+            raise _missing_error(missing[i:], str(exc)) from exc
         out[m.component.name][m.wf.role] = (check.path, "downloaded")
     return out
 
@@ -957,21 +1007,23 @@ def download_all(
             todo.append((component, wf))
     if not todo:
         return results
-    why = downloads_disabled()
+    downloader = downloader or hf_downloader
+    why = downloads_disabled() or _source_unreachable(downloader)
+    headline = f"cannot fill the weights folder {folder}"
     if why:
         raise _missing_error(
-            [_Missing(c, wf, []) for c, wf in todo],
-            why,
-            folder=folder,
-            headline=f"cannot fill the weights folder {folder}",
+            [_Missing(c, wf, []) for c, wf in todo], why, folder=folder, headline=headline
         )
     folder.mkdir(parents=True, exist_ok=True)
-    for component, wf in todo:
-        results.append(
-            _download_one(
-                folder, component, wf, downloader=downloader or hf_downloader, progress=progress
+    for i, (component, wf) in enumerate(todo):
+        try:
+            results.append(
+                _download_one(folder, component, wf, downloader=downloader, progress=progress)
             )
-        )
+        except _DownloadFailed as exc:
+            raise _missing_error(
+                [_Missing(c, f, []) for c, f in todo[i:]], str(exc), folder=folder, headline=headline
+            ) from exc
     return results
 
 
@@ -986,12 +1038,18 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         """No required file damaged or missing (unrecorded files are intact, so they pass)."""
-        return all(c.usable for c in self.checks if c.component != "clip-vit-b-32") and not any(
+        return all(c.usable for c in self.checks if not spec(c.component).optional) and not any(
             c.status == "corrupted" for c in self.checks
         )
 
     def lines(self) -> list[str]:
-        return [f"{c.status:<10} {c.component}/{c.filename}: {c.message}" for c in self.checks]
+        out = []
+        for c in self.checks:
+            status, message = c.status, c.message
+            if status == "missing" and spec(c.component).optional:
+                status, message = "optional", f"not present ({spec(c.component).needed_for})"
+            out.append(f"{status:<10} {c.component}/{c.filename}: {message}")
+        return out
 
 
 def verify(folder: str | os.PathLike[str] | None = None) -> VerifyReport:

@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     d = wsub.add_parser("download", help="download into the cache or a portable folder")
     d.add_argument("--to", metavar="DIR", help="target folder (default: the cache)")
-    d.add_argument("--without-clip", action="store_true", help="skip the optional CLIP weights")
+    d.add_argument("--without-clip", action="store_true", help="skip the optional weights (CLIP)")
     d.add_argument(
         "--only",
         action="append",
@@ -77,7 +77,7 @@ def _progress_bar():
 def run_download(args: argparse.Namespace) -> int:
     names = args.only or [s.name for s in w.REGISTRY]
     if args.without_clip:
-        names = [n for n in names if n != "clip-vit-b-32"]
+        names = [n for n in names if not w.spec(n).optional]
     target = args.to or str(w.weights_cache_dir())
     print(f"Weights folder: {target}")
     for name in names:
