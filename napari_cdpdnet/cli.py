@@ -15,14 +15,14 @@ import sys
 from collections.abc import Sequence
 
 from napari_cdpdnet import __version__
-from napari_cdpdnet.errors import CdpdnetError
+from napari_cdpdnet.errors import CdpdnetError, OutputExistsError
 
 __all__ = ["main", "build_parser", "EXIT_CODES"]
 
 #: Subcommand modules, in the order ``cdpdnet --help`` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
     "segment", "segment_by_example", "structures", "weights", "train", "evaluate",
-    "train_roi_prompts", "info",
+    "train_roi_prompts", "info", "view",
 )
 
 #: What a script can rely on.
@@ -62,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    # huggingface_hub prints through its own handler: propagating would print each line twice.
+    logging.getLogger("huggingface_hub").propagate = False
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
@@ -70,7 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CdpdnetError as exc:
         if args.debug:
             raise
-        print(f"cdpdnet {args.command}: error: {exc}", file=sys.stderr)
+        message = str(exc)
+        if isinstance(exc, OutputExistsError) and hasattr(args, "overwrite") and "--overwrite" not in message:
+            message += " (--overwrite replaces it)"
+        print(f"cdpdnet {args.command}: error: {message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"cdpdnet {args.command}: interrupted", file=sys.stderr)

@@ -30,7 +30,7 @@ class InputError(CdpdnetError, ValueError):
 
 
 class OutputExistsError(CdpdnetError, FileExistsError):
-    """Refusing to overwrite a file the user already has (pass overwrite=True to allow it)."""
+    """Refusing to overwrite a file the user already has (``overwrite=True`` / ``--overwrite`` allow it)."""
 
     exit_code = 3
 

@@ -51,8 +51,7 @@ def check_writable(path: str | os.PathLike[str], *, overwrite: bool = False) -> 
         raise InputError(f"{path}: is a folder; give a file name to write to")
     if os.path.lexists(path) and not overwrite:
         raise OutputExistsError(
-            f"{path} already exists; choose another name, or allow replacing it "
-            "(overwrite=True, or --overwrite on the command line)"
+            f"{path} already exists; choose another name, or allow replacing it"
         )
     return path
 

@@ -211,16 +211,42 @@ def _nifti_data_complete(path: Path, reader: sitk.ImageFileReader) -> bool:
     return True
 
 
+def check_input_path(path: str | os.PathLike[str]) -> Path:
+    """The cheap checks of :func:`read_ct`, without reading: exists, and a type it can read.
+
+    Lets a command refuse a wrong input before it plans or loads anything. Folders pass (their
+    DICOM content is checked when they are read).
+
+    Raises:
+        InputError: missing path, a file type that is not a CT volume, a ``.dcm`` without DICOM
+            marker.
+    """
+    p = _existing(path)
+    if p.is_dir():
+        return p
+    suffix = full_suffix(p)
+    if suffix in _VOLUME_FORMATS or is_dicom_file(p):
+        return p
+    if suffix in _DICOM_SUFFIXES:
+        raise InputError(f"{p}: not a DICOM file (no DICM marker), or the file is damaged")
+    raise _unsupported(p)
+
+
+def _unsupported(path: Path) -> InputError:
+    suffix = full_suffix(path)
+    return InputError(
+        f"{path}: unsupported file type {suffix or '(no suffix)'!r}; "
+        f"supported: {', '.join(SUPPORTED_IMAGE_SUFFIXES)} or a DICOM folder"
+    )
+
+
 def _read_file(path: Path) -> _Volume:
     """Read a NIfTI/NRRD/MetaImage file as a 3-D volume, validating the header first."""
     import SimpleITK as sitk
 
     suffix = full_suffix(path)
     if suffix not in _VOLUME_FORMATS:
-        raise InputError(
-            f"{path}: unsupported file type {suffix or '(no suffix)'!r}; "
-            f"supported: {', '.join(SUPPORTED_IMAGE_SUFFIXES)} or a DICOM folder"
-        )
+        raise _unsupported(path)
     io_name, fmt = _VOLUME_FORMATS[suffix]
     if path.is_dir():
         raise InputError(f"{path}: is a folder, not a {fmt} file")
@@ -448,11 +474,9 @@ def read_ct(
         >>> ct.array.shape, ct.geometry.spacing  # doctest: +SKIP
         ((112, 101, 122), (3.0, 3.0, 3.0))
     """
-    p = _existing(path)
-    if p.is_dir() or (full_suffix(p) not in _VOLUME_FORMATS and is_dicom_file(p)):
+    p = check_input_path(path)
+    if p.is_dir() or full_suffix(p) not in _VOLUME_FORMATS:
         vol = _read_dicom(p, series_uid=series_uid, allow_non_ct=allow_non_ct)
-    elif full_suffix(p) in _DICOM_SUFFIXES:
-        raise InputError(f"{p}: not a DICOM file (no DICM marker), or the file is damaged")
     elif series_uid is not None:
         raise InputError(f"{p}: series_uid only applies to DICOM folders and files")
     else:

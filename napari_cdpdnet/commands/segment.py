@@ -121,13 +121,13 @@ class _ProgressBar:
 
 def run(args: argparse.Namespace) -> int:
     from napari_cdpdnet.fileutil import check_writable
+    from napari_cdpdnet.io import check_input_path
     from napari_cdpdnet.pipeline import SegmentationSettings
     from napari_cdpdnet.segmenter import Segmenter
 
     # Everything that can be checked without compute is checked first.
     for inp in args.inputs:
-        if not inp.exists():
-            raise InputError(f"{inp}: no such file or folder")
+        check_input_path(inp)
     outputs = _outputs_for(args)
     for out in outputs:
         check_writable(out, overwrite=args.overwrite)
@@ -142,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
         if r.method != "exact":
             print(f"'{r.text}' → {r.structure.name} ({r.method}, confidence {r.confidence:.2f})", file=sys.stderr)
     print(plan.describe(), file=sys.stderr)
+    segmenter.weights()  # missing weights: one message now, not one per input
 
     failures: list[tuple[Path, CdpdnetError]] = []
     for inp, out in zip(args.inputs, outputs, strict=True):

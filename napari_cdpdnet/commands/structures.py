@@ -64,11 +64,21 @@ def _print_structures() -> None:
     )
     for s in STRUCTURES:
         also = [*s.abbreviations, *s.synonyms[:3]]
-        if s.official_name != s.name:
-            also.insert(0, f"{s.official_name} (official)")
         print(
             f"{s.index:>2}  {s.key:<21} {s.name:<29} {s.laterality or '':<5} {s.group:<6} "
             f"{s.color_hex:<7} {s.snomed.type.value:<10} {', '.join(also)}"
+        )
+
+
+def _print_official_names() -> None:
+    """The official prompt names that differ from ours, spelled as the authors spelled them."""
+    differ = [s for s in STRUCTURES if s.official_name != s.name]
+    if differ:
+        print()
+        print(
+            "The model's own prompts name some structures differently (spelling as in the official "
+            "code, sic; these names are accepted too): "
+            + "; ".join(f"{s.name} = '{s.official_name}'" for s in differ)
         )
 
 
@@ -145,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
         _print_tasks()
     else:
         _print_structures()
+        _print_official_names()
+        print("\nThe 11 task prompts and the structures each was trained on: cdpdnet structures --tasks")
     print()
     print(FIXED_CONDITIONING_NOTE)
     return 0
