@@ -162,7 +162,7 @@ def labels_layer_data(
         "features": features_table(),
         "colormap": label_colormap(),
         "opacity": 0.5,
-        **geometry.napari_transform(),
+        **geometry.napari_layer_kwargs(),
     }
     return labels, kwargs, "labels"
 

@@ -50,7 +50,7 @@ def layer_data(kind: str, image: CTImage) -> LayerData:
             "warnings": list(image.warnings),
             "info": dict(image.info),
         },
-        **image.geometry.napari_transform(),
+        **image.geometry.napari_layer_kwargs(),
     }
     if kind == "image":
         modality = str(image.info.get("modality") or "CT")

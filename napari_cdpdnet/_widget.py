@@ -49,7 +49,7 @@ from qtpy.QtWidgets import (  # noqa: E402
 )
 
 from napari_cdpdnet import _layers  # noqa: E402
-from napari_cdpdnet.errors import Cancelled, CdpdnetError, InputError  # noqa: E402
+from napari_cdpdnet.errors import Cancelled, CdpdnetError, InputError, WeightsError  # noqa: E402
 from napari_cdpdnet.geometry import Geometry  # noqa: E402
 from napari_cdpdnet.pipeline import PRESETS, ProgressEvent, SegmentationSettings  # noqa: E402
 from napari_cdpdnet.segmenter import SegmentationOutput, Segmenter, parse_request  # noqa: E402
@@ -72,6 +72,9 @@ logger = logging.getLogger(__name__)
 #: Largest float32 probability maps (bytes, source grid, all requested structures) a run keeps
 #: for point and click; beyond it the run skips them (a 512x512x600 CT is 0.6 GB per structure).
 PROBABILITY_BUDGET = 1_500_000_000
+
+#: The dock's minimum width (px), enough for the structure names and the buttons' labels.
+MIN_WIDTH = 360
 
 _GROUP_TITLES = {"organ": "Organs", "vessel": "Vessels", "tumour": "Tumours and cysts"}
 _NEW_LAYER = "New layer"
@@ -184,6 +187,9 @@ class SegmentationWidget(QWidget):
                     callbacks.remove(handler)
 
         self.destroyed.connect(closed)
+        # Everything is in a scroll area, whose minimum width is tiny: without this, a dock
+        # beside a wide canvas is squeezed until nothing in it can be read.
+        self.setMinimumWidth(MIN_WIDTH)
         self._build()
         self._connect_viewer()
         self.refresh_layers()
@@ -274,16 +280,23 @@ class SegmentationWidget(QWidget):
 
         self.box_check = QCheckBox("Limit to box (last rectangle on a Shapes layer)")
         layout.addWidget(self.box_check)
-        self.pick_button = QPushButton("Pick structure by click")
-        self.pick_button.setCheckable(True)
-        self.pick_button.setToolTip(
-            "After a run: click the image to add the most probable structure there (p > 0.5, "
-            "its connected region) from the cached probabilities, without rerunning."
-        )
-        layout.addWidget(self.pick_button)
-
-        layout.addWidget(self._build_example())
-
+        # Run, progress and status right under the request: visible without scrolling.
+        run_row = QHBoxLayout()
+        self.run_button = QPushButton("Run")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        run_row.addWidget(self.run_button)
+        run_row.addWidget(self.cancel_button)
+        layout.addLayout(run_row)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
+        layout.addWidget(self.progress_bar)
+        self.eta_label = QLabel("")
+        layout.addWidget(self.eta_label)
+        self.status_label = QLabel("Ready.")
+        self.status_label.setWordWrap(True)
+        layout.addWidget(self.status_label)
         wbox = QGroupBox("Weights")
         wl = QVBoxLayout(wbox)
         self.weights_label = QLabel("Weights: checking...")
@@ -302,22 +315,15 @@ class SegmentationWidget(QWidget):
         wl.addLayout(row)
         layout.addWidget(wbox)
 
-        run_row = QHBoxLayout()
-        self.run_button = QPushButton("Run")
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        run_row.addWidget(self.run_button)
-        run_row.addWidget(self.cancel_button)
-        layout.addLayout(run_row)
-        self.progress_bar = QProgressBar()
-        self.progress_bar.setRange(0, 1)
-        self.progress_bar.setValue(0)
-        layout.addWidget(self.progress_bar)
-        self.eta_label = QLabel("")
-        layout.addWidget(self.eta_label)
-        self.status_label = QLabel("Ready.")
-        self.status_label.setWordWrap(True)
-        layout.addWidget(self.status_label)
+        self.pick_button = QPushButton("Pick structure by click")
+        self.pick_button.setCheckable(True)
+        self.pick_button.setToolTip(
+            "After a run: click the image to add the most probable structure there (p > 0.5, "
+            "its connected region) from the cached probabilities, without rerunning."
+        )
+        layout.addWidget(self.pick_button)
+
+        layout.addWidget(self._build_example())
         layout.addStretch(1)
 
         self._resolve_timer = QTimer(self)
@@ -762,7 +768,14 @@ class SegmentationWidget(QWidget):
         else:  # a bug: keep the traceback in the log, give the user the gist
             logger.error("segmentation failed", exc_info=(type(exc), exc, exc.__traceback__))
             message = f"CDPDNet failed unexpectedly ({type(exc).__name__}: {exc}); see the log"
-        self.status_label.setText(f"Failed: {message}")
+        if isinstance(exc, WeightsError) and not self.segmenter.is_loaded():
+            self.status_label.setText(
+                "Failed: the model weights are missing or damaged. Press 'Download weights' "
+                "(about 1 GB, third-party terms) or 'Use local folder...'; the notification lists "
+                "each file."
+            )
+        else:
+            self.status_label.setText(f"Failed: {message}")
         show_error(message)
 
     def _on_finished(self) -> None:

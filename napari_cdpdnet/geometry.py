@@ -21,7 +21,7 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK as sitk
 
-__all__ = ["Geometry", "DicomReference", "LPS_TO_RAS"]
+__all__ = ["Geometry", "DicomReference", "LPS_TO_RAS", "NAPARI_AXIS_LABELS"]
 
 #: Multiply LPS world coordinates (homogeneous) by this to get RAS, and vice versa.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -61,6 +61,12 @@ class DicomReference:
         d["sop_instance_uids"] = tuple(d["sop_instance_uids"])
         d["files"] = tuple(d["files"])
         return cls(**d)
+
+
+#: Names of napari's world axes for layers made from a :class:`Geometry`. The world is LPS in
+#: zyx order, so the slider of axis 0 steps through axial slices (S-I), axis 1 through coronal
+#: ones (A-P), axis 2 through sagittal ones (L-R); without names napari shows "-3", "-2", "-1".
+NAPARI_AXIS_LABELS = ("axial", "coronal", "sagittal")
 
 
 def _tuple3(values: Sequence[float], name: str) -> tuple[float, float, float]:
@@ -177,6 +183,10 @@ class Geometry:
         """
         p = np.eye(4)[[2, 1, 0, 3]]
         return p @ self.affine_lps() @ p
+
+    def napari_layer_kwargs(self) -> dict[str, Any]:
+        """:meth:`napari_transform` plus the names of the world axes (:data:`NAPARI_AXIS_LABELS`)."""
+        return {**self.napari_transform(), "axis_labels": NAPARI_AXIS_LABELS}
 
     def napari_transform(self) -> dict[str, Any]:
         """``scale``, ``translate`` and ``rotate`` for a napari layer of this grid (zyx order).
