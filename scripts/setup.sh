@@ -5,7 +5,8 @@
 #   1. installs the system packages napari's Qt canvas needs (Xvfb & co. for headless runs),
 #   2. creates a virtual environment (.venv, or $CDPDNET_VENV),
 #   3. installs PyTorch if the environment has none (see choose_torch below),
-#   4. builds the napari-cdpdnet wheel and installs it with the extras in $CDPDNET_EXTRAS.
+#   4. builds the napari-cdpdnet wheel and installs it with the extras in $CDPDNET_EXTRAS
+#      (skipped when the sources and extras are those of the last install into this venv).
 # Expects: $here (the checkout), log().
 venv="${CDPDNET_VENV:-$here/.venv}"
 python="${PYTHON:-python3}"
@@ -45,15 +46,10 @@ pip_() {  # quiet pip; hides the harmless "Location ... is ignored" lines of loc
 
 # ---------------------------------------------------------------- 3. PyTorch
 # Kept out of the project's dependencies on purpose: the right build depends on the machine.
+# $CDPDNET_TORCH overrides the choice (pip arguments), e.g. a pinned version or another index.
 choose_torch() {
-  local pip_config
-  # Read the whole output first: 'pip config list | grep -q' under pipefail fails at random
-  # (grep exits early, pip dies of SIGPIPE).
-  pip_config="$("$venv/bin/python" -m pip config list 2>/dev/null || true)"
   if [ -n "${CDPDNET_TORCH:-}" ]; then        # e.g. "torch torchvision --index-url URL"
     echo "$CDPDNET_TORCH"
-  elif [[ "$pip_config" == *"file://"* ]]; then
-    echo "torch==2.14.1 torchvision==0.29.1"  # a local wheel mirror (this project's dev machines)
   elif [ "$(uname -s)" = Linux ] && ! command -v nvidia-smi >/dev/null 2>&1; then
     echo "torch torchvision --index-url https://download.pytorch.org/whl/cpu"  # CPU-only build
   else
@@ -69,13 +65,38 @@ fi
 torch_version="$("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
 
 # ---------------------------------------------------------------- 4. the package, as a wheel
-log "building the wheel"
-rm -rf "$here/dist"
-pip_ wheel --no-deps -w "$here/dist" "$here" >/dev/null
-wheel="$(ls "$here"/dist/napari_cdpdnet-*.whl)"
-log "installing $(basename "$wheel") with [$extras] (torch $torch_version kept)"
-pip_ install "torch==${torch_version%%+*}" "${wheel}[$extras]"
-pip_ install --force-reinstall --no-deps "$wheel"
-now="$("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
-[ "$now" = "$torch_version" ] || { log "torch changed from $torch_version to $now"; exit 1; }
+# Rebuilt only when the sources or the wanted extras changed since the last install into this
+# environment (a stamp in the venv records both): a second start takes seconds, not a rebuild.
+source_digest() {
+  (cd "$here" && find pyproject.toml README.md napari.yaml napari_cdpdnet resources -type f \
+      -not -path '*/__pycache__/*' -not -name '*.pyc' -print0 | LC_ALL=C sort -z |
+      xargs -0 sha256sum | sha256sum | cut -c1-16)
+}
+stamp="$venv/.napari-cdpdnet-installed"
+digest="$(source_digest)"
+up_to_date=false
+stamp_digest="" stamp_extras=""
+if [ -f "$stamp" ] && "$venv/bin/python" -c "import napari_cdpdnet" >/dev/null 2>&1; then
+  read -r stamp_digest stamp_extras <"$stamp" || true
+  if [ "$stamp_digest" = "$digest" ]; then
+    up_to_date=true
+    for e in ${extras//,/ }; do
+      [[ ",$stamp_extras," == *",$e,"* ]] || up_to_date=false
+    done
+  fi
+fi
+if $up_to_date; then
+  log "napari-cdpdnet is up to date in $venv (sources unchanged since it was installed)"
+else
+  log "building the wheel"
+  rm -rf "$here/dist"
+  pip_ wheel --no-deps -w "$here/dist" "$here" >/dev/null
+  wheel="$(ls "$here"/dist/napari_cdpdnet-*.whl)"
+  log "installing $(basename "$wheel") with [$extras] (torch $torch_version kept)"
+  pip_ install "torch==${torch_version%%+*}" "${wheel}[$extras]"
+  pip_ install --force-reinstall --no-deps "$wheel"
+  now="$("$venv/bin/python" -c 'import torch; print(torch.__version__)')"
+  [ "$now" = "$torch_version" ] || { log "torch changed from $torch_version to $now"; exit 1; }
+  echo "$digest $extras" >"$stamp"
+fi
 
