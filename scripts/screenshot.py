@@ -1,17 +1,19 @@
-"""Save docs/screenshot.png: napari with both CDPDNet docks and a result shown over the CT.
+"""Save docs/screenshot.png: the correction workflow in napari, on a real CT and a real label map.
 
-Docks: "CDPDNet segmentation" (with its segment-by-example section) and "CDPDNet structures"
-(the table filled for the result). The result layer is drawn at a lower opacity so the CT
-stays readable under it.
+What the picture shows is true: the example CT opened with the napari-cdpdnet reader, and a label
+map opened from file, TotalSegmentator's segmentation of that CT (shared/data) mapped onto
+CDPDNet's structure numbering, as a CDPDNet result layer; the brush is active on it, the
+structure table shows the measured volumes and HU, and the segmentation dock shows the request
+that names the same structures. It is *not* a CDPDNet output: the official weights cannot be
+downloaded where the picture is made, and a random-weights model would only paint noise. The
+caption in the image and in the README say so.
 
-The model is a *tiny random* CDPDNet written on the fly (tests/model_support.py), so the picture
-shows the interface, not segmentation quality; the caption in the image says so. Needs a
-display: run it under Xvfb from the repository root:
+Needs a display: run it under Xvfb from the repository root:
 
     xvfb-run -a -s "-screen 0 1600x1250x24" python scripts/screenshot.py
 
-Options: ``--ct PATH`` (default: ../shared/data/totalsegmentator/example_ct.nii.gz beside the
-checkout), ``--out PATH`` (default docs/screenshot.png), ``--request TEXT``.
+Options: ``--shared DIR`` (default: ../shared beside the checkout), ``--out PATH`` (default
+docs/screenshot.png).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from __future__ import annotations
 import argparse
 import io
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,74 +58,76 @@ def _save_png(array, out: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ct", type=Path,
-                        default=REPO.parent / "shared" / "data" / "totalsegmentator" / "example_ct.nii.gz")
+    parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "screenshot.png")
-    parser.add_argument("--request", default="liver, left kidney")
     args = parser.parse_args(argv)
-    if not args.ct.exists():
-        raise SystemExit(f"{args.ct}: no such CT (pass --ct)")
+    ct_path = args.shared / "data" / "totalsegmentator" / "example_ct.nii.gz"
+    seg_path = args.shared / "data" / "totalsegmentator" / "example_seg_full.nii.gz"
+    for p in (ct_path, seg_path):
+        if not p.exists():
+            raise SystemExit(f"{p}: missing (pass --shared)")
 
     sys.path.insert(0, str(REPO))
-    sys.path.insert(0, str(REPO / "tests"))
     from napari_cdpdnet._triton_guard import block_triton_without_cuda
 
     block_triton_without_cuda()
     import napari
-    from model_support import write_tiny_weights
+    import numpy as np
     from qtpy.QtCore import QEventLoop, QTimer
 
-    from napari_cdpdnet._table_widget import StructureTableWidget
-    from napari_cdpdnet._widget import SegmentationWidget
-    from napari_cdpdnet.segmenter import Segmenter
+    from napari_cdpdnet import _layers
+    from napari_cdpdnet._launch import dock_widgets
+    from napari_cdpdnet.io import read_label_map
+    from napari_cdpdnet.training.demo import totalseg_to_cdpdnet
+    from napari_cdpdnet.vocabulary import structure
 
     _register_manifest()
     viewer = napari.Viewer(show=True, title="napari-cdpdnet")
-    viewer.window.resize(1580, 1230)
-    [image] = viewer.open(str(args.ct), plugin="napari-cdpdnet")
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt, dino, _ = write_tiny_weights(Path(tmp))
-        segmenter = Segmenter(checkpoint=ckpt, dino=dino, allow_download=False)
-        widget = SegmentationWidget(viewer, segmenter=segmenter)
-        viewer.window.add_dock_widget(widget, name="CDPDNet segmentation", area="right")
-        table = StructureTableWidget(viewer)
-        viewer.window.add_dock_widget(table, name="CDPDNet structures", area="right")
-        widget.text_edit.setText(args.request)
-        widget.preset_combo.setCurrentText("fast")
-        loop = QEventLoop()
-        status: list[str] = []
-        widget.run_finished.connect(lambda s: (status.append(s), loop.quit()))
-        if widget.run() is None:
-            raise SystemExit(f"the widget refused to run: {widget.status_label.text()}")
-        loop.exec()
-        if status != ["done"]:
-            raise SystemExit(f"run ended with {status}: {widget.status_label.text()}")
-        labels = viewer.layers[-1]
-        labels.opacity = RESULT_OPACITY
-        table.labels_combo.setCurrentText(labels.name)
-        table.table.setMinimumHeight(84)  # header and both rows visible
-        table.refresh()
-        if not table.rows:
-            raise SystemExit(f"the structure table stayed empty: {table.status.text()}")
-        # show a slice through the middle of the result
-        z = int(labels.data.any(axis=(1, 2)).nonzero()[0].mean()) if labels.data.any() else image.data.shape[0] // 2
-        viewer.dims.set_point(0, image.data_to_world([z, 0, 0])[0])
-        viewer.layers.selection.active = labels
-        widget.tree.expandItem(widget.tree.topLevelItem(0))
-        overlay = viewer.canvas.overlays.text if hasattr(viewer, "canvas") else viewer.text_overlay
-        overlay.visible = True
-        overlay.font_size = 10
-        overlay.color = "yellow"
-        overlay.position = "top_left"
-        overlay.text = (
-            "TINY RANDOM weights: interface demo,\nnot a real segmentation.\n"
-            "CT: TotalSegmentator example_ct"
-        )
-        wait = QEventLoop()
-        QTimer.singleShot(1500, wait.quit)
-        wait.exec()
-        pixels = viewer.screenshot(canvas_only=False, flash=False)
-        size = _save_png(pixels, args.out)
+    viewer.window.resize(1580, 1000)
+    # The table is the tab shown: it is what the correction changes.
+    seg_widget, table = dock_widgets(viewer, front="structures")
+    [image] = viewer.open(str(ct_path), plugin="napari-cdpdnet")
+    geometry = image.metadata["geometry"]
+    reference, ref_geometry = read_label_map(seg_path)
+    if not ref_geometry.same_grid(geometry):
+        raise SystemExit("the label map is not on the CT's grid")
+    keys = ["liver", "spleen", "right_kidney", "left_kidney", "stomach", "pancreas", "aorta",
+            "inferior_vena_cava", "gallbladder"]
+    structures = [structure(k) for k in keys]
+    mapped = totalseg_to_cdpdnet(reference)
+    mapped[~np.isin(mapped, [s.index for s in structures])] = 0
+    data, kwargs, _ = _layers.labels_layer_data(
+        mapped, geometry, structures, image_layer=image.name, source_path=str(seg_path),
+        request="opened from file: TotalSegmentator reference", preset="-", run=1,
+    )
+    kwargs["name"] = "reference label map (from file)"
+    labels = viewer.add_labels(data, **kwargs)
+    labels.opacity = RESULT_OPACITY
+    labels.mode = "paint"
+    labels.brush_size = 8
+    labels.selected_label = structure("liver").index
+    seg_widget.text_edit.setText("liver, spleen, kidneys, stomach, pancreas, aorta, IVC, gallbladder")
+    table.labels_combo.setCurrentText(labels.name)
+    table.refresh()
+    if not table.rows:
+        raise SystemExit(f"the structure table stayed empty: {table.status.text()}")
+    z = int(np.nonzero((mapped == structure("liver").index).any(axis=(1, 2)))[0].mean())
+    viewer.dims.set_point(0, image.data_to_world([z, 0, 0])[0])
+    viewer.layers.selection.active = labels
+    overlay = viewer.canvas.overlays.text if hasattr(viewer, "canvas") else viewer.text_overlay
+    overlay.visible = True
+    overlay.font_size = 10
+    overlay.color = "yellow"
+    overlay.position = "top_left"
+    overlay.text = (
+        "Correcting a label map opened from file:\nTotalSegmentator's segmentation of its example CT,\n"
+        "mapped to CDPDNet structures (not a CDPDNet output)"
+    )
+    wait = QEventLoop()
+    QTimer.singleShot(1500, wait.quit)
+    wait.exec()
+    pixels = viewer.screenshot(canvas_only=False, flash=False)
+    size = _save_png(pixels, args.out)
     print(f"wrote {args.out} ({size:,} bytes, {pixels.shape[1]}x{pixels.shape[0]})")
     viewer.close()
     return 0
