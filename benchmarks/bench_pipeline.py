@@ -105,7 +105,11 @@ def child(args: argparse.Namespace) -> dict:
     """Run one scenario in this process and return its measurements."""
     import torch
 
-    from napari_cdpdnet.pipeline import SegmentationSettings, resolve_device, segment_array
+    from napari_cdpdnet.inference.pipeline import (
+        SegmentationSettings,
+        resolve_device,
+        segment_array,
+    )
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,6 +1,6 @@
 """napari reader (npe2 contribution): CT files and DICOM folders as layers with patient geometry.
 
-Thin adapter over :mod:`napari_cdpdnet.io`. ``napari_get_reader`` only makes cheap checks (suffix,
+Thin adapter over :mod:`napari_cdpdnet.io.images`. ``napari_get_reader`` only makes cheap checks (suffix,
 the 132-byte DICOM preamble) and never raises; the returned function does the reading and lets
 :class:`~napari_cdpdnet.errors.CdpdnetError` propagate, which napari shows to the user.
 
@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from napari_cdpdnet.io import CTImage, is_supported_path, read_image_or_labels
+from napari_cdpdnet.io.images import CTImage, is_supported_path, read_image_or_labels
 
 __all__ = ["napari_get_reader", "read_layers", "layer_data", "ABDOMEN_WINDOW"]
 
@@ -41,7 +41,7 @@ def napari_get_reader(path: PathOrPaths) -> Callable[[PathOrPaths], list[LayerDa
 
 
 def layer_data(kind: str, image: CTImage) -> LayerData:
-    """One napari LayerData tuple for an image or label map read by :mod:`napari_cdpdnet.io`."""
+    """One napari LayerData tuple for an image or label map read by :mod:`napari_cdpdnet.io.images`."""
     kwargs: dict[str, Any] = {
         "name": image.name,
         "metadata": {

@@ -1,6 +1,6 @@
 """Dock widget "CDPDNet structures": per-label measurements that follow the user's edits, and export.
 
-Thin on purpose: measuring and writing live in :mod:`napari_cdpdnet.export`; this widget picks
+Thin on purpose: measuring and writing live in :mod:`napari_cdpdnet.export.segmentation`; this widget picks
 the layers, keeps the table current and turns errors into notifications.
 
 * The table is re-measured a short while after the last edit (paint strokes, fills, undo/redo,
@@ -46,7 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import napari
     from napari.layers import Image, Labels
 
-    from napari_cdpdnet.labeltable import LabelRow
+    from napari_cdpdnet.export.labeltable import LabelRow
 
 __all__ = ["StructureTableWidget", "layer_geometry"]
 
@@ -351,7 +351,7 @@ class StructureTableWidget(QWidget):
 
     def refresh(self) -> None:
         """Re-measure the chosen layer now (in a worker thread for big volumes)."""
-        from napari_cdpdnet.export import describe_labels
+        from napari_cdpdnet.export.segmentation import describe_labels
 
         self._timer.stop()
         if self._worker is not None:  # one measurement at a time; redo when it ends
@@ -413,7 +413,7 @@ class StructureTableWidget(QWidget):
 
     def _show_rows(self, rows: list[LabelRow], error: str | None = None, *, with_hu: bool = True) -> None:
         """Fill the table; the status line says what is shown (or why nothing is)."""
-        from napari_cdpdnet.export import with_reviewed
+        from napari_cdpdnet.export.segmentation import with_reviewed
 
         layer = self._layer
         reviewed = set((layer.metadata or {}).get("reviewed_labels") or ()) if layer is not None else set()
@@ -454,7 +454,7 @@ class StructureTableWidget(QWidget):
 
     def _item_changed(self, item: QTableWidgetItem) -> None:
         """A reviewed checkbox was toggled: store it on the layer, no re-measure needed."""
-        from napari_cdpdnet.export import with_reviewed
+        from napari_cdpdnet.export.segmentation import with_reviewed
 
         if item.column() != _REVIEWED_COLUMN or self._layer is None:
             return
@@ -495,8 +495,8 @@ class StructureTableWidget(QWidget):
         Asks through :attr:`confirm_overwrite` before replacing a file. Returns the path, or None
         when nothing was written (declined, or an error shown as a notification).
         """
-        from napari_cdpdnet.export import describe_labels
-        from napari_cdpdnet.labeltable import write_label_table
+        from napari_cdpdnet.export.labeltable import write_label_table
+        from napari_cdpdnet.export.segmentation import describe_labels
 
         try:
             path = Path(path).expanduser()
@@ -528,7 +528,7 @@ class StructureTableWidget(QWidget):
             notification) or when a worker does the writing (its result lands in
             :attr:`last_export` and the status line).
         """
-        from napari_cdpdnet.export import (
+        from napari_cdpdnet.export.segmentation import (
             export_paths,
             export_segmentation,
             label_key,

@@ -1,8 +1,8 @@
 """The "CDPDNet segmentation" dock widget: pick structures, run, cancel, click to add.
 
 The widget stays thin: it collects input, starts napari thread workers and shows results;
-resolving names, planning, weights and inference live in the core (:mod:`~napari_cdpdnet.segmenter`)
-and layer rules in :mod:`~napari_cdpdnet._layers`. Heavy work (weight checks, downloads,
+resolving names, planning, weights and inference live in the core (:mod:`~napari_cdpdnet.inference.segmenter`)
+and layer rules in :mod:`~napari_cdpdnet._gui.layers`. Heavy work (weight checks, downloads,
 inference, probability quantisation) never runs on the GUI thread; errors the user can act on
 (:class:`~napari_cdpdnet.errors.CdpdnetError`) arrive as napari notifications with their
 message, and a cancelled run adds nothing.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 # Must run before anything can import triton: it crashes next to napari's OpenGL canvas on
 # machines without CUDA (see _triton_guard).
-from napari_cdpdnet._triton_guard import block_triton_without_cuda
+from napari_cdpdnet._gui.triton_guard import block_triton_without_cuda
 
 block_triton_without_cuda()
 
@@ -48,12 +48,12 @@ from qtpy.QtWidgets import (  # noqa: E402
     QWidget,
 )
 
-from napari_cdpdnet import _layers  # noqa: E402
+from napari_cdpdnet._gui import layers as _layers  # noqa: E402
 from napari_cdpdnet.errors import Cancelled, CdpdnetError, InputError, WeightsError  # noqa: E402
 from napari_cdpdnet.geometry import Geometry  # noqa: E402
-from napari_cdpdnet.pipeline import PRESETS, ProgressEvent, SegmentationSettings  # noqa: E402
-from napari_cdpdnet.segmenter import SegmentationOutput, Segmenter, parse_request  # noqa: E402
-from napari_cdpdnet.vocabulary import (  # noqa: E402
+from napari_cdpdnet.inference.pipeline import PRESETS, ProgressEvent, SegmentationSettings  # noqa: E402
+from napari_cdpdnet.inference.segmenter import SegmentationOutput, Segmenter, parse_request  # noqa: E402
+from napari_cdpdnet.vocabulary.catalog import (  # noqa: E402
     FIXED_CONDITIONING_NOTE,
     GROUPS,
     STRUCTURES,
@@ -485,7 +485,7 @@ class SegmentationWidget(QWidget):
 
     def set_checked(self, keys: list[str]) -> None:
         """Tick these structures (keys or names) and untick the others."""
-        from napari_cdpdnet.vocabulary import structure
+        from napari_cdpdnet.vocabulary.catalog import structure
 
         wanted = {structure(k).index for k in keys}
         for i, item in self._items.items():
@@ -609,7 +609,7 @@ class SegmentationWidget(QWidget):
             image = self.image_layer()
             structures = self.resolve_request()
             settings = self.settings(image, len(structures))
-            from napari_cdpdnet.pipeline import resolve_device
+            from napari_cdpdnet.inference.pipeline import resolve_device
 
             resolve_device(settings.device)
             merge = self.merge_combo.currentText()
@@ -907,7 +907,7 @@ class SegmentationWidget(QWidget):
         """
         from napari.layers import Labels, Shapes
 
-        from napari_cdpdnet.roi.fallback import ROI
+        from napari_cdpdnet.example.ranking import ROI
 
         shape = image.metadata["geometry"].shape
         active = self.viewer.layers.selection.active
@@ -938,7 +938,7 @@ class SegmentationWidget(QWidget):
 
     def segment_by_example_at(self, world_position: Any) -> Any:
         """Segment by example from a click at a world position; returns the worker or None."""
-        from napari_cdpdnet.roi.fallback import ROI
+        from napari_cdpdnet.example.ranking import ROI
 
         try:
             image = self.image_layer()
@@ -962,7 +962,7 @@ class SegmentationWidget(QWidget):
     def segment_by_example(self, roi: Any, image: Any = None) -> Any:
         """Rank the 32 structures for ``roi`` and segment the best into a new layer, in a worker.
 
-        The core does the work (:func:`napari_cdpdnet.roi.example.segment_by_example`); the
+        The core does the work (:func:`napari_cdpdnet.example.run.segment_by_example`); the
         mapper file, when given, is loaded in the worker too. Returns the worker, or None when
         refused (with a notification).
         """
@@ -977,7 +977,7 @@ class SegmentationWidget(QWidget):
             settings = SegmentationSettings(
                 preset=self.preset_combo.currentText(), device=self.device_combo.currentText()
             )
-            from napari_cdpdnet.pipeline import resolve_device
+            from napari_cdpdnet.inference.pipeline import resolve_device
 
             resolve_device(settings.device)
         except CdpdnetError as exc:
@@ -1180,8 +1180,8 @@ def _example_job(
     should_stop: Any,
 ) -> Any:
     """Worker-thread body of segment by example: load the mapper (if any), then the core run."""
-    from napari_cdpdnet.roi.example import segment_by_example
-    from napari_cdpdnet.roi.mapper import RoiMapper
+    from napari_cdpdnet.example.mapper import RoiMapper
+    from napari_cdpdnet.example.run import segment_by_example
 
     mapper = RoiMapper.load(mapper_path) if mapper_path is not None else None
     return segment_by_example(segmenter, array, geometry, roi, settings, mapper=mapper,

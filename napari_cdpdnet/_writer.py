@@ -13,7 +13,7 @@ A Labels layer whose CT was read from a DICOM series can also be saved as DICOM-
 :func:`write_labels_dicom_seg`): values 1..32 of layers made by this plugin (``metadata["cdpdnet"]``)
 carry the vocabulary's names and SNOMED codes, other values become generic ``label N`` segments;
 label values listed in ``metadata["edited_labels"]`` are declared SEMIAUTOMATIC. The file is read
-back and compared before it appears (:func:`napari_cdpdnet.export.export_dicom_seg`).
+back and compared before it appears (:func:`napari_cdpdnet.export.segmentation.export_dicom_seg`).
 New single-file label-map formats are added in :data:`WRITABLE_SUFFIXES`.
 """
 
@@ -28,7 +28,7 @@ import numpy as np
 
 from napari_cdpdnet.errors import InputError
 from napari_cdpdnet.geometry import Geometry
-from napari_cdpdnet.io import write_label_map
+from napari_cdpdnet.io.images import write_label_map
 
 __all__ = ["write_labels", "write_labels_dicom_seg", "geometry_for_layer", "WRITABLE_SUFFIXES"]
 
@@ -116,7 +116,7 @@ def write_labels(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
 
 def write_labels_dicom_seg(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
     """npe2 single-layer writer: a Labels layer on a DICOM series as a verified DICOM-SEG."""
-    from napari_cdpdnet.export import export_dicom_seg
+    from napari_cdpdnet.export.segmentation import export_dicom_seg
 
     if isinstance(data, (list, tuple)):
         data = data[0]

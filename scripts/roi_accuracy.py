@@ -36,10 +36,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from napari_cdpdnet.io import read_ct, read_label_map  # noqa: E402
-from napari_cdpdnet.roi.fallback import rank_by_probability  # noqa: E402
-from napari_cdpdnet.roi.labelmaps import TOTALSEGMENTATOR_TOTAL, remap  # noqa: E402
-from napari_cdpdnet.roi.mapper import (  # noqa: E402
+from napari_cdpdnet.example.mapper import (  # noqa: E402
     TrainingConfig,
     load_teacher,
     sample_rois,
@@ -47,6 +44,9 @@ from napari_cdpdnet.roi.mapper import (  # noqa: E402
     train_mapper,
     training_set,
 )
+from napari_cdpdnet.example.ranking import rank_by_probability  # noqa: E402
+from napari_cdpdnet.io.images import read_ct, read_label_map  # noqa: E402
+from napari_cdpdnet.vocabulary.labelmaps import TOTALSEGMENTATOR_TOTAL, remap  # noqa: E402
 
 log = logging.getLogger("roi_accuracy")
 
@@ -64,9 +64,9 @@ def topk(ranked: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
 def get_probabilities(ct, args, cache: Path) -> tuple[dict[int, np.ndarray], str]:
     """All 32 probability maps of the example CT: official weights if found offline, else tiny random."""
     from napari_cdpdnet.errors import WeightsError
-    from napari_cdpdnet.pipeline import SegmentationSettings
-    from napari_cdpdnet.roi.example import run_all_structures
-    from napari_cdpdnet.segmenter import Segmenter
+    from napari_cdpdnet.example.run import run_all_structures
+    from napari_cdpdnet.inference.pipeline import SegmentationSettings
+    from napari_cdpdnet.inference.segmenter import Segmenter
     from napari_cdpdnet.weights import resolve_weights
 
     try:

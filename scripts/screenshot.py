@@ -68,18 +68,18 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{p}: missing (pass --shared)")
 
     sys.path.insert(0, str(REPO))
-    from napari_cdpdnet._triton_guard import block_triton_without_cuda
+    from napari_cdpdnet._gui.triton_guard import block_triton_without_cuda
 
     block_triton_without_cuda()
     import napari
     import numpy as np
     from qtpy.QtCore import QEventLoop, QTimer
 
-    from napari_cdpdnet import _layers
-    from napari_cdpdnet._launch import dock_widgets
-    from napari_cdpdnet.io import read_label_map
+    from napari_cdpdnet._gui import layers as _layers
+    from napari_cdpdnet._gui.launch import dock_widgets
+    from napari_cdpdnet.io.images import read_label_map
     from napari_cdpdnet.training.demo import totalseg_to_cdpdnet
-    from napari_cdpdnet.vocabulary import structure
+    from napari_cdpdnet.vocabulary.catalog import structure
 
     _register_manifest()
     viewer = napari.Viewer(show=True, title="napari-cdpdnet")

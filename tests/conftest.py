@@ -52,7 +52,7 @@ def shared_path() -> Callable[..., Path]:
 def _no_triton_next_to_opengl() -> None:
     """GUI tests create OpenGL canvases (Mesa llvmpipe under Xvfb); triton imported afterwards
     would crash the whole test process. The plugin guards against this the same way."""
-    from napari_cdpdnet._triton_guard import block_triton_without_cuda
+    from napari_cdpdnet._gui.triton_guard import block_triton_without_cuda
 
     block_triton_without_cuda()
 
@@ -77,7 +77,7 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def segmenter(weights):
     """A Segmenter on the tiny weights that never downloads."""
-    from napari_cdpdnet.segmenter import Segmenter
+    from napari_cdpdnet.inference.segmenter import Segmenter
 
     return Segmenter(checkpoint=weights[0], dino=weights[1], allow_download=False)
 

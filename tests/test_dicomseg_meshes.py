@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_cdpdnet.dicomseg import SegmentSpec, read_dicom_seg, write_dicom_seg
 from napari_cdpdnet.errors import InputError, OutputExistsError
+from napari_cdpdnet.export.dicomseg import SegmentSpec, read_dicom_seg, write_dicom_seg
+from napari_cdpdnet.export.meshes import label_mesh, write_stl
 from napari_cdpdnet.geometry import Geometry
-from napari_cdpdnet.io import read_ct, read_label_map
-from napari_cdpdnet.meshes import label_mesh, write_stl
+from napari_cdpdnet.io.images import read_ct, read_label_map
 
 LIVER = SegmentSpec(6, "Liver", ("10200004", "SCT", "Liver"), color=(221, 130, 101))
 TUMOUR = SegmentSpec(

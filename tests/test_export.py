@@ -12,11 +12,16 @@ import pytest
 
 from napari_cdpdnet import export as export_mod
 from napari_cdpdnet._writer import write_labels_dicom_seg
-from napari_cdpdnet.dicomseg import read_dicom_seg
 from napari_cdpdnet.errors import InputError, OutputExistsError
-from napari_cdpdnet.export import TISSUE, describe_labels, export_dicom_seg, export_segmentation
-from napari_cdpdnet.io import read_ct, read_label_map
-from napari_cdpdnet.measure import label_statistics
+from napari_cdpdnet.export.dicomseg import read_dicom_seg
+from napari_cdpdnet.export.measure import label_statistics
+from napari_cdpdnet.export.segmentation import (
+    TISSUE,
+    describe_labels,
+    export_dicom_seg,
+    export_segmentation,
+)
+from napari_cdpdnet.io.images import read_ct, read_label_map
 
 REPO = Path(__file__).resolve().parent.parent
 #: TotalSegmentator `total` labels → CDPDNet structure indices (shared/data/README).
@@ -138,7 +143,7 @@ def test_refuses_to_overwrite_unless_asked(totalseg, tmp_path: Path) -> None:
 
 def test_nothing_partial_when_a_step_fails(totalseg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ct, _, cdp = totalseg
-    import napari_cdpdnet.meshes as meshes
+    import napari_cdpdnet.export.meshes as meshes
 
     def broken(*args, **kwargs):
         raise OSError("disk full")

@@ -15,7 +15,7 @@ from dicom_synth import stack_positions, write_series
 from napari_cdpdnet import io
 from napari_cdpdnet.errors import CdpdnetError, InputError, OutputExistsError
 from napari_cdpdnet.geometry import Geometry
-from napari_cdpdnet.io import (
+from napari_cdpdnet.io.images import (
     LABEL_MAP_SUFFIXES,
     is_supported_path,
     list_dicom_series,
@@ -669,7 +669,7 @@ def test_module_import_is_light() -> None:
     import sys
 
     code = (
-        "import sys, napari_cdpdnet.io, napari_cdpdnet.fileutil, napari_cdpdnet._reader, "
+        "import sys, napari_cdpdnet.io.images, napari_cdpdnet.fileutil, napari_cdpdnet._reader, "
         "napari_cdpdnet._writer\n"
         "heavy = [m for m in ('SimpleITK', 'pydicom', 'torch', 'napari', 'scipy') if m in sys.modules]\n"
         "assert not heavy, heavy\n"

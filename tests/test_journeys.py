@@ -169,7 +169,7 @@ def _workspace(shared_path, folder: Path) -> dict[str, str]:
     for name in ("dicom_folder", "c_dicom"):
         shutil.copytree(dicom, folder / name)
     shutil.copy(shared_path("data", "totalsegmentator", "example_seg.nii.gz"), folder / "seg.nii.gz")
-    from napari_cdpdnet.io import read_ct
+    from napari_cdpdnet.io.images import read_ct
 
     geometry = read_ct(ct).geometry
     x, y, z = geometry.index_to_world([s / 2 for s in geometry.shape])  # the CT's centre, LPS mm

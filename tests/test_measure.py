@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from napari_cdpdnet.export.measure import label_statistics
 from napari_cdpdnet.geometry import Geometry
-from napari_cdpdnet.measure import label_statistics
 
 
 def test_statistics_match_per_mask_numpy() -> None:
@@ -35,7 +35,7 @@ def test_requested_values_include_absent_ones_without_density() -> None:
 
 
 def test_chunking_does_not_change_results(monkeypatch: pytest.MonkeyPatch) -> None:
-    import napari_cdpdnet.measure as measure
+    import napari_cdpdnet.export.measure as measure
 
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 3, (5, 6, 7))

@@ -71,7 +71,7 @@ def test_triton_is_blocked_without_cuda_so_opengl_processes_survive() -> None:
     """Without CUDA, a GUI process must not load triton (it segfaults next to Mesa's OpenGL)."""
     code = (
         "import torch\n"
-        "from napari_cdpdnet._triton_guard import block_triton_without_cuda\n"
+        "from napari_cdpdnet._gui.triton_guard import block_triton_without_cuda\n"
         "blocked = block_triton_without_cuda()\n"
         "assert blocked == (not torch.cuda.is_available())\n"
         "if blocked:\n"

@@ -10,14 +10,14 @@ import pytest
 
 from napari_cdpdnet.errors import Cancelled, InputError
 from napari_cdpdnet.geometry import Geometry
-from napari_cdpdnet.pipeline import (
+from napari_cdpdnet.inference.pipeline import (
     ProgressEvent,
     SegmentationSettings,
     resolve_device,
     segment_array,
 )
-from napari_cdpdnet.postprocess import merge_labels, postprocess
-from napari_cdpdnet.sliding_window import importance_map
+from napari_cdpdnet.inference.postprocess import merge_labels, postprocess
+from napari_cdpdnet.inference.sliding_window import importance_map
 
 torch = pytest.importorskip("torch")
 sitk = pytest.importorskip("SimpleITK")
@@ -279,8 +279,8 @@ def test_resolve_device() -> None:
 def test_engine_modules_import_without_heavy_dependencies() -> None:
     """torch, MONAI, scipy and nibabel load only when a segmentation runs."""
     code = (
-        "import sys, napari_cdpdnet.pipeline, napari_cdpdnet.transforms, "
-        "napari_cdpdnet.sliding_window, napari_cdpdnet.postprocess\n"
+        "import sys, napari_cdpdnet.inference.pipeline, napari_cdpdnet.inference.transforms, "
+        "napari_cdpdnet.inference.sliding_window, napari_cdpdnet.inference.postprocess\n"
         "heavy = [m for m in ('torch', 'monai', 'scipy', 'nibabel', 'SimpleITK') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
@@ -290,6 +290,6 @@ def test_engine_modules_import_without_heavy_dependencies() -> None:
 def test_a_model_in_training_mode_is_flagged(caplog) -> None:
     geometry = Geometry.identity((10, 10, 10), (1.5, 1.5, 1.5))
     model = TinyModel().train()
-    with caplog.at_level("WARNING", logger="napari_cdpdnet.pipeline"):
+    with caplog.at_level("WARNING", logger="napari_cdpdnet.inference.pipeline"):
         segment_array(np.zeros(geometry.shape, np.int16), geometry, [(0, [5])], model, CPU)
     assert "training mode" in caplog.text

@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 
 from napari_cdpdnet.errors import InputError
-from napari_cdpdnet.postprocess import (
+from napari_cdpdnet.inference.postprocess import (
     channels_needed,
     companions,
     cut_portal_vein,

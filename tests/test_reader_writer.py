@@ -14,7 +14,7 @@ from napari_cdpdnet._reader import ABDOMEN_WINDOW, napari_get_reader
 from napari_cdpdnet._writer import geometry_for_layer, write_labels
 from napari_cdpdnet.errors import CdpdnetError, InputError
 from napari_cdpdnet.geometry import Geometry
-from napari_cdpdnet.io import read_label_map
+from napari_cdpdnet.io.images import read_label_map
 
 REPO = Path(__file__).resolve().parent.parent
 METADATA_KEYS = {"geometry", "source_path", "warnings", "info"}

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from napari_cdpdnet.errors import VocabularyError, WeightsError
-from napari_cdpdnet.resolver import (
+from napari_cdpdnet.vocabulary.catalog import STRUCTURES, structure
+from napari_cdpdnet.vocabulary.resolver import (
     ClipScorer,
     UnresolvedStructure,
     load_organ_embedding,
@@ -15,7 +16,6 @@ from napari_cdpdnet.resolver import (
     resolve,
     resolve_many,
 )
-from napari_cdpdnet.vocabulary import STRUCTURES, structure
 
 # (typed text, expected structure key, expected method)
 ACCEPTED = [

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from roi_support import flipped, oblique, rotation
 
-from napari_cdpdnet.geometry import Geometry
-from napari_cdpdnet.roi.attributes import (
+from napari_cdpdnet.example.attributes import (
     CLIP_CONTEXT,
     FEATURE_NAMES,
     attribute_card,
@@ -17,8 +16,9 @@ from napari_cdpdnet.roi.attributes import (
     count_clip_tokens,
     instance_attributes,
 )
-from napari_cdpdnet.roi.labelmaps import TOTALSEGMENTATOR_TOTAL, parse_mapping, remap
-from napari_cdpdnet.vocabulary import STRUCTURES
+from napari_cdpdnet.geometry import Geometry
+from napari_cdpdnet.vocabulary.catalog import STRUCTURES
+from napari_cdpdnet.vocabulary.labelmaps import TOTALSEGMENTATOR_TOTAL, parse_mapping, remap
 
 # Structures of the example scan checked on every grid: (CDPDNet key, expected side, level).
 CHECKED = [
@@ -32,7 +32,7 @@ CHECKED = [
 
 @pytest.fixture(scope="module")
 def example(shared_path):
-    from napari_cdpdnet.io import read_ct, read_label_map
+    from napari_cdpdnet.io.images import read_ct, read_label_map
 
     ct = read_ct(shared_path("data", "totalsegmentator", "example_ct.nii.gz"))
     seg, geom = read_label_map(shared_path("data", "totalsegmentator", "example_seg_full.nii.gz"))
@@ -41,7 +41,7 @@ def example(shared_path):
 
 
 def _describe(ct: np.ndarray, labels: np.ndarray, geometry: Geometry) -> dict:
-    from napari_cdpdnet.vocabulary import structure
+    from napari_cdpdnet.vocabulary.catalog import structure
 
     body = body_frame(ct, geometry)
     return {key: instance_attributes(labels == structure(key).index, ct, geometry, body=body)
@@ -184,8 +184,8 @@ def test_roi_core_is_headless_and_light() -> None:
 
     code = (
         "import sys\n"
-        "import napari_cdpdnet.roi.attributes, napari_cdpdnet.roi.fallback, napari_cdpdnet.roi.mapper\n"
-        "import napari_cdpdnet.roi.example, napari_cdpdnet.commands.segment_by_example\n"
+        "import napari_cdpdnet.example.attributes, napari_cdpdnet.example.ranking, napari_cdpdnet.example.mapper\n"
+        "import napari_cdpdnet.example.run, napari_cdpdnet.commands.segment_by_example\n"
         "import napari_cdpdnet.commands.train_roi_prompts\n"
         "heavy = [m for m in ('torch', 'napari', 'qtpy', 'PyQt6', 'open_clip') if m in sys.modules]\n"
         "assert not heavy, heavy\n"

@@ -9,8 +9,7 @@ import pytest
 from roi_support import flipped
 
 from napari_cdpdnet.errors import InputError
-from napari_cdpdnet.geometry import Geometry
-from napari_cdpdnet.roi.fallback import (
+from napari_cdpdnet.example.ranking import (
     FALLBACK_METHOD,
     ROI,
     crop_around,
@@ -18,6 +17,7 @@ from napari_cdpdnet.roi.fallback import (
     rank_by_probability,
     restrict,
 )
+from napari_cdpdnet.geometry import Geometry
 
 
 def _maps(shape=(20, 30, 40)) -> dict[int, np.ndarray]:
@@ -131,7 +131,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, shared_path) -> dict[str, Pat
     """Tiny official-format weights and a small real CT crop (one model window per pass)."""
     from model_support import write_tiny_weights
 
-    from napari_cdpdnet.io import read_ct, write_image
+    from napari_cdpdnet.io.images import read_ct, write_image
 
     folder = tmp_path_factory.mktemp("roi-cli")
     ckpt, dino, _ = write_tiny_weights(folder / "weights")
@@ -151,8 +151,8 @@ def _run(tiny, *args: str) -> int:
 @pytest.mark.slow
 @pytest.mark.shared
 def test_cli_click_writes_one_structure_touching_the_roi(tiny, tmp_path: Path, capsys) -> None:
-    from napari_cdpdnet.io import read_ct, read_label_map
-    from napari_cdpdnet.vocabulary import STRUCTURES
+    from napari_cdpdnet.io.images import read_ct, read_label_map
+    from napari_cdpdnet.vocabulary.catalog import STRUCTURES
 
     out = tmp_path / "example.nii.gz"
     assert _run(tiny, "--voxel", "--click", "20", "20", "15", "-o", str(out)) == 0
@@ -212,10 +212,10 @@ class _IntensityOracle:
 def test_fallback_chain_lines_up_on_a_real_ct(shared_path) -> None:
     """Clicks in lung and liver of the real scan find the oracle's air and soft-tissue channels,
     on the scan's own grid and on a flipped grid of the same patient."""
-    from napari_cdpdnet.io import read_ct, read_label_map
-    from napari_cdpdnet.pipeline import SegmentationSettings
-    from napari_cdpdnet.roi.example import segment_by_example
-    from napari_cdpdnet.segmenter import Segmenter
+    from napari_cdpdnet.example.run import segment_by_example
+    from napari_cdpdnet.inference.pipeline import SegmentationSettings
+    from napari_cdpdnet.inference.segmenter import Segmenter
+    from napari_cdpdnet.io.images import read_ct, read_label_map
 
     ct = read_ct(shared_path("data", "totalsegmentator", "example_ct_sm.nii.gz"))
     seg, _ = read_label_map(shared_path("data", "totalsegmentator", "example_seg.nii.gz"))

@@ -9,10 +9,7 @@ import pytest
 from roi_support import flipped
 
 from napari_cdpdnet.errors import InputError, OutputExistsError, WeightsError
-from napari_cdpdnet.geometry import Geometry
-from napari_cdpdnet.roi.fallback import ROI
-from napari_cdpdnet.roi.labelmaps import TOTALSEGMENTATOR_TOTAL, remap
-from napari_cdpdnet.roi.mapper import (
+from napari_cdpdnet.example.mapper import (
     MAPPER_METHOD,
     RoiMapper,
     TrainingConfig,
@@ -26,6 +23,9 @@ from napari_cdpdnet.roi.mapper import (
     train_mapper,
     training_set,
 )
+from napari_cdpdnet.example.ranking import ROI
+from napari_cdpdnet.geometry import Geometry
+from napari_cdpdnet.vocabulary.labelmaps import TOTALSEGMENTATOR_TOTAL, remap
 
 
 def _tiny512():
@@ -108,7 +108,7 @@ def test_mapper_file_errors(tmp_path: Path) -> None:
 def test_teacher_from_tiny_checkpoint_and_official_file(tmp_path: Path, shared_path) -> None:
     from model_support import write_tiny_weights
 
-    from napari_cdpdnet.resolver import load_organ_embedding
+    from napari_cdpdnet.vocabulary.resolver import load_organ_embedding
 
     small, _, _ = write_tiny_weights(tmp_path / "small")  # 32-dim text: not a CLIP teacher
     with pytest.raises(WeightsError, match=r"\(32, 512\)"):
@@ -172,7 +172,7 @@ def test_click_region_and_features_are_grid_independent() -> None:
 @pytest.mark.shared
 def test_real_scan_held_out_halves(shared_path) -> None:
     """Attributes-only mapper: ROIs from each structure's superior half train, inferior half tests."""
-    from napari_cdpdnet.io import read_ct, read_label_map
+    from napari_cdpdnet.io.images import read_ct, read_label_map
 
     ct = read_ct(shared_path("data", "totalsegmentator", "example_ct.nii.gz"))
     seg, g = read_label_map(shared_path("data", "totalsegmentator", "example_seg_full.nii.gz"))
@@ -195,8 +195,8 @@ def test_cli_train_then_segment_by_example(tmp_path: Path, shared_path, capsys) 
     from model_support import write_tiny_weights
 
     from napari_cdpdnet.cli import main
-    from napari_cdpdnet.io import read_ct, read_label_map, write_image
-    from napari_cdpdnet.roi.fallback import crop_geometry
+    from napari_cdpdnet.example.ranking import crop_geometry
+    from napari_cdpdnet.io.images import read_ct, read_label_map, write_image
 
     ckpt, dino, _ = write_tiny_weights(tmp_path / "w", config=_tiny512())
     ct = read_ct(shared_path("data", "totalsegmentator", "example_ct.nii.gz"))
@@ -230,7 +230,7 @@ def test_cli_train_then_segment_by_example(tmp_path: Path, shared_path, capsys) 
 
 
 def test_teacher_ensemble_with_attribute_sentences() -> None:
-    from napari_cdpdnet.roi.mapper import card_sentences, ensemble_teacher
+    from napari_cdpdnet.example.mapper import card_sentences, ensemble_teacher
 
     teacher = _teacher()
     sentences = card_sentences()
@@ -277,8 +277,8 @@ def test_cli_with_model_features(tmp_path: Path, shared_path, capsys) -> None:
     from model_support import write_tiny_weights
 
     from napari_cdpdnet.cli import main
-    from napari_cdpdnet.io import read_ct, read_label_map, write_image, write_label_map
-    from napari_cdpdnet.roi.fallback import crop_geometry
+    from napari_cdpdnet.example.ranking import crop_geometry
+    from napari_cdpdnet.io.images import read_ct, read_label_map, write_image, write_label_map
 
     ckpt, dino, _ = write_tiny_weights(tmp_path / "w", config=_tiny512())
     ct = read_ct(shared_path("data", "totalsegmentator", "example_ct_sm.nii.gz"))

@@ -11,9 +11,9 @@ import pytest
 
 from napari_cdpdnet.cli import main
 from napari_cdpdnet.errors import Cancelled
-from napari_cdpdnet.io import read_ct, read_label_map
-from napari_cdpdnet.pipeline import SegmentationSettings
-from napari_cdpdnet.segmenter import Segmenter
+from napari_cdpdnet.inference.pipeline import SegmentationSettings
+from napari_cdpdnet.inference.segmenter import Segmenter
+from napari_cdpdnet.io.images import read_ct, read_label_map
 
 pytestmark = pytest.mark.shared
 
@@ -88,7 +88,7 @@ def test_batch_continues_past_a_bad_input_and_reports_it(small_ct: Path, weights
 
 
 def test_dicom_series_to_dicom_seg(shared_path, weights, tmp_path: Path) -> None:
-    from napari_cdpdnet.dicomseg import read_dicom_seg
+    from napari_cdpdnet.export.dicomseg import read_dicom_seg
 
     series = shared_path("data", "dcmqi", "ct-3slice")
     out = tmp_path / "liver.nii.gz"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from napari_cdpdnet.errors import Cancelled, InputError
-from napari_cdpdnet.sliding_window import (
+from napari_cdpdnet.inference.sliding_window import (
     EtaEstimator,
     importance_map,
     plan_windows,

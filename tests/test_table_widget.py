@@ -10,9 +10,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from napari_cdpdnet.dicomseg import read_dicom_seg
-from napari_cdpdnet.io import read_label_map
-from napari_cdpdnet.measure import label_statistics
+from napari_cdpdnet.export.dicomseg import read_dicom_seg
+from napari_cdpdnet.export.measure import label_statistics
+from napari_cdpdnet.io.images import read_label_map
 
 pytestmark = [
     pytest.mark.gui,
@@ -210,7 +210,7 @@ def test_dicom_seg_export_on_the_dcmqi_series(make_napari_viewer, shared_path, t
     written = widget.export_to(tmp_path / "liver.nii.gz", dicom_seg=True)
     assert written is not None and written[2] == tmp_path / "liver.seg.dcm"
     back, segments = read_dicom_seg(written[2], geometry)
-    from napari_cdpdnet.vocabulary import structure
+    from napari_cdpdnet.vocabulary.catalog import structure
 
     assert [s.label for s in segments] == ["Liver", structure(30).name]
     assert segments[0].type_code == ("10200004", "SCT", "Liver")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from napari_cdpdnet.training.demo import HALF_A, HALF_B, format_tables, run_demo
-from napari_cdpdnet.vocabulary import structure
+from napari_cdpdnet.vocabulary.catalog import structure
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared]
 
@@ -26,7 +26,7 @@ CROSSING = {"liver", "small_intestine", "urinary_bladder", "stomach", "colon"}
 
 
 def test_short_demo_partial_keeps_what_naive_suppresses(shared_path, tmp_path: Path) -> None:
-    from napari_cdpdnet.io import read_ct, read_label_map
+    from napari_cdpdnet.io.images import read_ct, read_label_map
 
     ct = shared_path("data", "totalsegmentator", "example_ct.nii.gz")
     ref = shared_path("data", "totalsegmentator", "example_seg_full.nii.gz")
@@ -73,7 +73,7 @@ def test_what_each_loss_teaches_on_a_real_training_crop(shared_path, tmp_path: P
     the partial-label loss sends those channels nothing."""
     import torch
 
-    from napari_cdpdnet.io import read_ct, read_label_map
+    from napari_cdpdnet.io.images import read_ct, read_label_map
     from napari_cdpdnet.training.config import parse_config
     from napari_cdpdnet.training.data import build_dataset
     from napari_cdpdnet.training.demo import _config, split_sides, totalseg_to_cdpdnet

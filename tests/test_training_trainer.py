@@ -13,7 +13,7 @@ import torch
 from napari_cdpdnet.cli import main
 from napari_cdpdnet.errors import Cancelled
 from napari_cdpdnet.geometry import Geometry
-from napari_cdpdnet.io import write_image, write_label_map
+from napari_cdpdnet.io.images import write_image, write_label_map
 from napari_cdpdnet.model import build_from_official, load_dino_state_dict, load_official_checkpoint
 from napari_cdpdnet.training.config import parse_config
 from napari_cdpdnet.training.schedule import epoch_lr
@@ -99,7 +99,7 @@ def test_train_checkpoint_round_trip_and_resume(case: Path, tmp_path: Path) -> N
     model.eval()
     assert torch.equal(rebuilt(x, 0), model(x, 0))
     # what `cdpdnet segment --checkpoint latest.pth --dino dino.safetensors` loads
-    from napari_cdpdnet.segmenter import Segmenter
+    from napari_cdpdnet.inference.segmenter import Segmenter
 
     seg_model = Segmenter(checkpoint=out / "latest.pth", dino=out / "dino.safetensors",
                           allow_download=False).model()

@@ -7,7 +7,7 @@ import pytest
 
 from napari_cdpdnet.errors import InputError
 from napari_cdpdnet.geometry import LPS_TO_RAS, Geometry
-from napari_cdpdnet.transforms import (
+from napari_cdpdnet.inference.transforms import (
     box_to_preprocessed,
     invert_labels,
     invert_probabilities,

@@ -13,7 +13,7 @@ import pytest
 
 from napari_cdpdnet.cli import main
 from napari_cdpdnet.errors import VocabularyError
-from napari_cdpdnet.vocabulary import (
+from napari_cdpdnet.vocabulary.catalog import (
     STRUCTURES,
     TASKS,
     plan_passes,
@@ -232,7 +232,7 @@ def test_required_channels_include_post_processing_companions() -> None:
 
 def test_vocabulary_is_torch_free() -> None:
     code = (
-        "import sys, napari_cdpdnet.vocabulary as v, napari_cdpdnet.resolver as r\n"
+        "import sys, napari_cdpdnet.vocabulary.catalog as v, napari_cdpdnet.vocabulary.resolver as r\n"
         "r.resolve('IVC'); r.resolve_many('liver, kidneys'); v.plan_passes(range(1, 33))\n"
         "assert not [m for m in ('torch', 'open_clip', 'huggingface_hub', 'numpy') if m in sys.modules]\n"
     )

@@ -190,7 +190,7 @@ def _leftovers(folder: Path) -> list[str]:
 def test_import_does_not_load_huggingface_hub_or_read_the_environment() -> None:
     code = (
         "import os, sys; os.environ['CDPDNET_CACHE_DIR'] = '/nonexistent/before'\n"
-        "import napari_cdpdnet.weights as w, napari_cdpdnet.resolver, napari_cdpdnet.vocabulary\n"
+        "import napari_cdpdnet.weights as w, napari_cdpdnet.vocabulary.resolver, napari_cdpdnet.vocabulary.catalog\n"
         "assert not [m for m in ('huggingface_hub', 'torch', 'open_clip') if m in sys.modules]\n"
         "os.environ['CDPDNET_CACHE_DIR'] = '/elsewhere'\n"
         "assert str(w.weights_cache_dir()) == '/elsewhere/weights', w.weights_cache_dir()\n"

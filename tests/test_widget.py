@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from gui_support import add_segmentation_dock
 
-from napari_cdpdnet import _layers
+from napari_cdpdnet._gui import layers as _layers
 from napari_cdpdnet.errors import InputError
 from napari_cdpdnet.geometry import Geometry
-from napari_cdpdnet.vocabulary import STRUCTURES, structure
+from napari_cdpdnet.vocabulary.catalog import STRUCTURES, structure
 
 REPO = Path(__file__).resolve().parent.parent
 LIVER = structure("liver").index  # 6
@@ -337,7 +337,7 @@ def test_completion_checklist_and_no_image(make_napari_viewer, qtbot, segmenter,
     from qtpy.QtWidgets import QLabel
 
     from napari_cdpdnet._widget import completion_terms
-    from napari_cdpdnet.vocabulary import FIXED_CONDITIONING_NOTE
+    from napari_cdpdnet.vocabulary.catalog import FIXED_CONDITIONING_NOTE
 
     viewer = make_napari_viewer()
     widget = add_segmentation_dock(viewer, qtbot, segmenter)

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from gui_support import add_segmentation_dock
 
+from napari_cdpdnet.example.mapper import MAPPER_METHOD
+from napari_cdpdnet.example.ranking import FALLBACK_METHOD
 from napari_cdpdnet.geometry import Geometry
-from napari_cdpdnet.roi.fallback import FALLBACK_METHOD
-from napari_cdpdnet.roi.mapper import MAPPER_METHOD
-from napari_cdpdnet.vocabulary import STRUCTURES, structure
+from napari_cdpdnet.vocabulary.catalog import STRUCTURES, structure
 
 
 def _gui(test):
@@ -63,7 +63,7 @@ class _SoftTissueOracle:
 
 @pytest.fixture(scope="module")
 def oracle():
-    from napari_cdpdnet.segmenter import Segmenter
+    from napari_cdpdnet.inference.segmenter import Segmenter
 
     return Segmenter(module=_SoftTissueOracle())
 
@@ -71,9 +71,9 @@ def oracle():
 @pytest.fixture(scope="module")
 def crop(shared_path) -> tuple[np.ndarray, Geometry, np.ndarray]:
     """CT crop, its geometry and the reference labels (mapped to CDPDNet) on the same grid."""
-    from napari_cdpdnet.io import read_ct, read_label_map
-    from napari_cdpdnet.roi.fallback import crop_geometry
-    from napari_cdpdnet.roi.labelmaps import TOTALSEGMENTATOR_TOTAL, remap
+    from napari_cdpdnet.example.ranking import crop_geometry
+    from napari_cdpdnet.io.images import read_ct, read_label_map
+    from napari_cdpdnet.vocabulary.labelmaps import TOTALSEGMENTATOR_TOTAL, remap
 
     ct = read_ct(shared_path("data", "totalsegmentator", "example_ct.nii.gz"))
     seg, g = read_label_map(shared_path("data", "totalsegmentator", "example_seg_full.nii.gz"))
@@ -102,14 +102,14 @@ def _finish(qtbot, widget, start) -> str:
 def _results(viewer) -> list[Any]:
     from napari.layers import Labels
 
-    from napari_cdpdnet._layers import is_cdpdnet_layer
+    from napari_cdpdnet._gui.layers import is_cdpdnet_layer
 
     return [lyr for lyr in viewer.layers if isinstance(lyr, Labels) and is_cdpdnet_layer(lyr.metadata)]
 
 
 # ================================================================== ROI from drawn shapes, no window
 def test_example_box_keeps_its_slice_and_refuses_outside() -> None:
-    from napari_cdpdnet import _layers
+    from napari_cdpdnet._gui import layers as _layers
     from napari_cdpdnet.errors import InputError
 
     roi = _layers.example_box_roi(np.array([[4, 2, 3], [4, 9, 3], [4, 9, 8], [4, 2, 8]], float), (10, 12, 14))
@@ -121,7 +121,7 @@ def test_example_box_keeps_its_slice_and_refuses_outside() -> None:
 
 
 def test_example_scribble_is_densified_and_clipped() -> None:
-    from napari_cdpdnet import _layers
+    from napari_cdpdnet._gui import layers as _layers
     from napari_cdpdnet.errors import InputError
 
     roi = _layers.example_scribble_roi([np.array([[2, 1, 1], [2, 1, 9], [2, 15, 9]], float)], (5, 12, 12))
@@ -237,7 +237,7 @@ def test_click_then_rectangle_fallback(make_napari_viewer, qtbot, oracle, crop, 
 
 @_gui
 def test_mapper_file_and_scribble(make_napari_viewer, qtbot, oracle, crop, notes, tmp_path: Path) -> None:
-    from napari_cdpdnet.roi.mapper import (
+    from napari_cdpdnet.example.mapper import (
         RoiMapper,
         TrainingConfig,
         sample_rois,

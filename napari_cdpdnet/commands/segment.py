@@ -121,9 +121,9 @@ class _ProgressBar:
 
 def run(args: argparse.Namespace) -> int:
     from napari_cdpdnet.fileutil import check_writable
-    from napari_cdpdnet.io import check_input_path
-    from napari_cdpdnet.pipeline import SegmentationSettings
-    from napari_cdpdnet.segmenter import Segmenter
+    from napari_cdpdnet.inference.pipeline import SegmentationSettings
+    from napari_cdpdnet.inference.segmenter import Segmenter
+    from napari_cdpdnet.io.images import check_input_path
 
     # Everything that can be checked without compute is checked first.
     for inp in args.inputs:
@@ -160,8 +160,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _segment_one(segmenter, inp: Path, out: Path, structures, settings, args) -> None:
-    from napari_cdpdnet.io import read_ct, write_label_map
-    from napari_cdpdnet.labeltable import label_table_path, write_label_table
+    from napari_cdpdnet.export.labeltable import label_table_path, write_label_table
+    from napari_cdpdnet.io.images import read_ct, write_label_map
 
     t0 = time.perf_counter()
     ct = read_ct(inp, series_uid=args.series_uid)
@@ -178,7 +178,7 @@ def _segment_one(segmenter, inp: Path, out: Path, structures, settings, args) ->
     written = [write_label_map(out, output.labels, ct.geometry, overwrite=args.overwrite, label_names=names)]
     written.append(write_label_table(label_table_path(out), output.table, overwrite=args.overwrite))
     if args.dicom_seg:
-        from napari_cdpdnet.dicomseg import segment_specs, write_dicom_seg
+        from napari_cdpdnet.export.dicomseg import segment_specs, write_dicom_seg
 
         seg_path = label_table_path(out).with_suffix(".seg.dcm")
         written.append(
@@ -186,7 +186,7 @@ def _segment_one(segmenter, inp: Path, out: Path, structures, settings, args) ->
                             overwrite=args.overwrite)
         )
     if args.probabilities and output.result.probabilities:
-        from napari_cdpdnet.io import write_image
+        from napari_cdpdnet.io.images import write_image
 
         stem = label_table_path(out).with_suffix("").name
         for s in structures:

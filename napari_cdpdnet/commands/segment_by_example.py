@@ -55,8 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _roi(args: argparse.Namespace, ct) -> object:
-    from napari_cdpdnet.io import read_label_map
-    from napari_cdpdnet.roi.fallback import ROI
+    from napari_cdpdnet.example.ranking import ROI
+    from napari_cdpdnet.io.images import read_label_map
 
     g = ct.geometry
     if args.scribble is not None:
@@ -78,12 +78,16 @@ def _roi(args: argparse.Namespace, ct) -> object:
 
 def run(args: argparse.Namespace) -> int:
     from napari_cdpdnet.commands.segment import _ProgressBar
+    from napari_cdpdnet.example.run import DEFAULT_CONTEXT_MM, segment_by_example
+    from napari_cdpdnet.export.labeltable import (
+        build_label_table,
+        label_table_path,
+        write_label_table,
+    )
     from napari_cdpdnet.fileutil import check_writable, full_suffix
-    from napari_cdpdnet.io import LABEL_MAP_SUFFIXES, read_ct, write_label_map
-    from napari_cdpdnet.labeltable import build_label_table, label_table_path, write_label_table
-    from napari_cdpdnet.pipeline import SegmentationSettings
-    from napari_cdpdnet.roi.example import DEFAULT_CONTEXT_MM, segment_by_example
-    from napari_cdpdnet.segmenter import Segmenter
+    from napari_cdpdnet.inference.pipeline import SegmentationSettings
+    from napari_cdpdnet.inference.segmenter import Segmenter
+    from napari_cdpdnet.io.images import LABEL_MAP_SUFFIXES, read_ct, write_label_map
 
     if not args.input.exists():
         raise InputError(f"{args.input}: no such file or folder")
@@ -93,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     check_writable(label_table_path(args.output), overwrite=args.overwrite)
     mapper = None
     if args.mapper is not None:
-        from napari_cdpdnet.roi.mapper import RoiMapper
+        from napari_cdpdnet.example.mapper import RoiMapper
 
         mapper = RoiMapper.load(args.mapper)
     ct = read_ct(args.input, series_uid=args.series_uid)

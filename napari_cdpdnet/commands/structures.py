@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from napari_cdpdnet.vocabulary import FIXED_CONDITIONING_NOTE, STRUCTURES, TASKS, Structure
+from napari_cdpdnet.vocabulary.catalog import (
+    FIXED_CONDITIONING_NOTE,
+    STRUCTURES,
+    TASKS,
+    Structure,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -91,8 +96,8 @@ def _print_tasks() -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.resolve is not None:
-        from napari_cdpdnet.resolver import ClipScorer, resolve_many
-        from napari_cdpdnet.vocabulary import plan_passes
+        from napari_cdpdnet.vocabulary.catalog import plan_passes
+        from napari_cdpdnet.vocabulary.resolver import ClipScorer, resolve_many
 
         scorer = ClipScorer(allow_download=False) if args.clip else None
         found = resolve_many(args.resolve, clip_scorer=scorer)

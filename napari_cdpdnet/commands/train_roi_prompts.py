@@ -59,16 +59,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from napari_cdpdnet.fileutil import check_writable
-    from napari_cdpdnet.io import read_ct, read_label_map
-    from napari_cdpdnet.roi.labelmaps import parse_mapping, remap
-    from napari_cdpdnet.roi.mapper import (
+    from napari_cdpdnet.example.mapper import (
         TrainingConfig,
         load_teacher,
         sample_rois,
         train_mapper,
         training_set,
     )
+    from napari_cdpdnet.fileutil import check_writable
+    from napari_cdpdnet.io.images import read_ct, read_label_map
+    from napari_cdpdnet.vocabulary.labelmaps import parse_mapping, remap
 
     if len(args.ct) != len(args.labels):
         raise InputError(f"{len(args.ct)} --ct but {len(args.labels)} --labels: give one label map per CT")
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         teacher = load_teacher(ckpt)
         teacher_source = str(ckpt)
     if args.clip_weights is not None:
-        from napari_cdpdnet.roi.mapper import clip_text_encoder, ensemble_teacher
+        from napari_cdpdnet.example.mapper import clip_text_encoder, ensemble_teacher
 
         encode = clip_text_encoder(args.clip_weights if str(args.clip_weights) else None,
                                    allow_download=not args.offline)
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         teacher_source += f" + CLIP attribute sentences (weight {args.ensemble_weight:g})"
     segmenter = None
     if args.with_model:
-        from napari_cdpdnet.segmenter import Segmenter
+        from napari_cdpdnet.inference.segmenter import Segmenter
 
         segmenter = Segmenter(checkpoint=args.checkpoint, dino=args.dino, allow_download=not args.offline)
 
@@ -137,8 +137,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _probabilities(segmenter, ct, args: argparse.Namespace) -> dict:
     """All 32 sigmoid maps of one CT (7 task passes)."""
-    from napari_cdpdnet.pipeline import SegmentationSettings
-    from napari_cdpdnet.roi.example import run_all_structures
+    from napari_cdpdnet.example.run import run_all_structures
+    from napari_cdpdnet.inference.pipeline import SegmentationSettings
 
     settings = SegmentationSettings(preset=args.preset, device=args.device)
     return run_all_structures(segmenter, ct.array, ct.geometry, settings).probabilities or {}

@@ -43,6 +43,6 @@ def run(args: argparse.Namespace) -> int:
             f"the viewer cannot start here ({exc}); install the GUI extras with "
             "pip install 'napari-cdpdnet[all]', or use the other cdpdnet commands"
         ) from exc
-    from napari_cdpdnet._launch import launch
+    from napari_cdpdnet._gui.launch import launch
 
     return launch(args.paths, smoke_report=args.smoke_report)

@@ -170,7 +170,7 @@ def _unknown(d: Mapping[str, Any], known: set[str], where: str) -> None:
 
 
 def _structure_index(value: Any, where: str) -> int:
-    from napari_cdpdnet.vocabulary import structure
+    from napari_cdpdnet.vocabulary.catalog import structure
 
     try:
         return structure(value).index
@@ -212,7 +212,7 @@ def reviewed_structures(table: str | os.PathLike[str]) -> frozenset[int]:
 def default_task_for(labelled: set[int] | frozenset[int]) -> int:
     """The task prompt for a dataset labelling ``labelled``: the smallest task covering it all,
     else the task covering most of it (ties: the smaller label set, then the lower id)."""
-    from napari_cdpdnet.vocabulary import TASKS
+    from napari_cdpdnet.vocabulary.catalog import TASKS
 
     def score(t: Any) -> tuple[int, int, int]:
         return (-len(set(labelled) & set(t.structures)), len(t.structures), t.id)
@@ -326,7 +326,7 @@ def _dataset(d: Any, i: int, base: Path) -> DatasetSpec:
             raise _err(f"{where}.cases[{j}]", f"labelled structure(s) {not_in_map} have no value in label_values")
     every = frozenset().union(*(c.labelled for c in cases))
     if "task" in d:
-        from napari_cdpdnet.vocabulary import task
+        from napari_cdpdnet.vocabulary.catalog import task
 
         try:
             task_id = task(d["task"]).id

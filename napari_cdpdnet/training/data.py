@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from napari_cdpdnet.inference.transforms import HU_WINDOW
 from napari_cdpdnet.training.config import CaseSpec, DatasetSpec, TrainConfig
-from napari_cdpdnet.transforms import HU_WINDOW
 
 __all__ = [
     "NUM_CHANNELS",
@@ -52,7 +52,7 @@ TUMOUR_CLASS_RATIOS = (1, 1, 5)
 
 
 def _tumour_indices() -> frozenset[int]:
-    from napari_cdpdnet.vocabulary import STRUCTURES
+    from napari_cdpdnet.vocabulary.catalog import STRUCTURES
 
     return frozenset(s.index for s in STRUCTURES if s.group == "tumour")
 

@@ -95,7 +95,7 @@ def totalseg_to_cdpdnet(labels: np.ndarray) -> np.ndarray:
 
 
 def _indices(keys: Sequence[str]) -> list[int]:
-    from napari_cdpdnet.vocabulary import structure
+    from napari_cdpdnet.vocabulary.catalog import structure
 
     return [structure(k).index for k in keys]
 
@@ -132,7 +132,7 @@ def split_sides(
     Side ``sides[n]`` gets the structures of ``halves[n]`` (CDPDNet numbering) and nothing else,
     with the geometry of that part of the source grid.
     """
-    from napari_cdpdnet.io import write_image, write_label_map
+    from napari_cdpdnet.io.images import write_image, write_label_map
 
     if sorted(sides) != ["left", "right"]:
         raise ValueError(f"sides must be 'right' and 'left' in some order, got {tuple(sides)}")
@@ -180,7 +180,7 @@ def predict_labels(
     from monai.inferers import sliding_window_inference
     from scipy import ndimage
 
-    from napari_cdpdnet.transforms import HU_WINDOW
+    from napari_cdpdnet.inference.transforms import HU_WINDOW
 
     pre = mt.Compose([
         mt.LoadImaged(keys=["image"], ensure_channel_first=True, image_only=True),
@@ -270,9 +270,9 @@ def _score(
     Each side image is segmented with its own dataset's task prompt, as in training, and the two
     predictions are put together on the source grid.
     """
-    from napari_cdpdnet.io import read_label_map
+    from napari_cdpdnet.io.images import read_label_map
     from napari_cdpdnet.training.evaluation import evaluate_labels
-    from napari_cdpdnet.vocabulary import structure
+    from napari_cdpdnet.vocabulary.catalog import structure
 
     full, geometry = read_label_map(work / "labels" / "reference_cdpdnet.nii.gz")
     wanted = _indices([k for h in halves for k in h])
@@ -350,7 +350,7 @@ def run_demo(
     models are then fine-tuned from it for ``steps`` at ``finetune_lr`` (default ``lr``/3):
     the user's case of adapting a trained model to partially labelled data.
     """
-    from napari_cdpdnet.io import read_ct, read_label_map, write_label_map
+    from napari_cdpdnet.io.images import read_ct, read_label_map, write_label_map
 
     t0 = time.perf_counter()
     raw, geometry = read_label_map(reference)
@@ -396,7 +396,7 @@ def format_tables(result: DemoResult) -> str:
     structure, and "unseen", the recall inside the other side's image ("—": the structure does
     not reach there).
     """
-    from napari_cdpdnet.vocabulary import structure
+    from napari_cdpdnet.vocabulary.catalog import structure
 
     cols = f"{'Dice':>7} {'HD95 mm':>8} {'p inside':>8} {'unseen':>7}"
     lines = [

@@ -120,7 +120,7 @@ def _same_grid(a: Geometry, b: Geometry) -> bool:
 
 def _name(pred_value: int, numbering: str) -> str:
     if numbering == "cdpdnet":
-        from napari_cdpdnet.vocabulary import structure
+        from napari_cdpdnet.vocabulary.catalog import structure
 
         if 1 <= pred_value <= 32:
             return structure(pred_value).name
@@ -188,7 +188,7 @@ def parse_mapping(items: Sequence[str]) -> dict[int, list[int]]:
     The prediction side may be a CDPDNet structure key or name instead of its index.
     """
     from napari_cdpdnet.errors import VocabularyError
-    from napari_cdpdnet.vocabulary import structure
+    from napari_cdpdnet.vocabulary.catalog import structure
 
     out: dict[int, list[int]] = {}
     for item in items:
@@ -216,7 +216,7 @@ def evaluate_files(
     mapping: Mapping[int, Sequence[int]] | None = None, *, numbering: str = "cdpdnet",
 ) -> list[StructureScore]:
     """Read two label map files (io.read_label_map) and score them."""
-    from napari_cdpdnet.io import read_label_map
+    from napari_cdpdnet.io.images import read_label_map
 
     p, pg = read_label_map(pred)
     r, rg = read_label_map(ref)

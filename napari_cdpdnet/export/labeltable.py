@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_cdpdnet.export.measure import LabelStats, label_statistics
 from napari_cdpdnet.geometry import Geometry
-from napari_cdpdnet.measure import LabelStats, label_statistics
 
 __all__ = [
     "LabelRow",
@@ -92,7 +92,7 @@ def structure_row(st: LabelStats, *, reviewed: bool = False, source: str = "CDPD
     Raises:
         VocabularyError: ``st.value`` is not a structure index.
     """
-    from napari_cdpdnet.vocabulary import structure
+    from napari_cdpdnet.vocabulary.catalog import structure
 
     s = structure(st.value)
     return LabelRow(

@@ -5,7 +5,7 @@ image side learns to predict the text embedding of the structure it marks, so no
 name. Here, in 3-D and on CPU budgets:
 
 * **features** (:func:`roi_features`) — instance attributes of the marked region in patient space
-  (:mod:`~napari_cdpdnet.roi.attributes`), the ROI kind, a HU histogram and, when a model ran, the
+  (:mod:`~napari_cdpdnet.example.attributes`), the ROI kind, a HU histogram and, when a model ran, the
   mean of the 32 sigmoid probabilities inside the ROI (cheap pooled model features);
 * **student** — an MLP (features → 512);
 * **teacher** — the checkpoint's fixed ``organ_embedding`` (32 × 512 CLIP ViT-B/32 text
@@ -36,11 +36,11 @@ from typing import Any
 import numpy as np
 
 from napari_cdpdnet.errors import InputError, WeightsError
+from napari_cdpdnet.example.attributes import FEATURE_NAMES as ATTRIBUTE_FEATURES
+from napari_cdpdnet.example.attributes import BodyFrame, body_frame, instance_attributes
+from napari_cdpdnet.example.ranking import ROI, Candidate, Ranking, crop_geometry
 from napari_cdpdnet.geometry import Geometry
-from napari_cdpdnet.roi.attributes import FEATURE_NAMES as ATTRIBUTE_FEATURES
-from napari_cdpdnet.roi.attributes import BodyFrame, body_frame, instance_attributes
-from napari_cdpdnet.roi.fallback import ROI, Candidate, Ranking, crop_geometry
-from napari_cdpdnet.vocabulary import STRUCTURES, structure
+from napari_cdpdnet.vocabulary.catalog import STRUCTURES, structure
 
 __all__ = [
     "MAPPER_FORMAT",
@@ -131,7 +131,7 @@ def roi_features(
 
     Args:
         roi, ct, geometry: the ROI on the full CT (the body frame needs the whole scan).
-        body: precomputed :func:`~napari_cdpdnet.roi.attributes.body_frame` of ``ct``.
+        body: precomputed :func:`~napari_cdpdnet.example.attributes.body_frame` of ``ct``.
         probabilities: structure index → sigmoid map; given → 32 pooled model features.
         probability_roi: the ROI on the probability maps' grid when they cover a crop.
     """
@@ -162,7 +162,7 @@ def load_teacher(path: str | Path) -> np.ndarray:
     ``txt_encoding.pth``). Read on CPU with ``weights_only`` (no code from the file runs)."""
     import torch
 
-    from napari_cdpdnet.resolver import load_organ_embedding
+    from napari_cdpdnet.vocabulary.resolver import load_organ_embedding
 
     path = Path(path)
     if not path.is_file():
@@ -181,7 +181,7 @@ def load_teacher(path: str | Path) -> np.ndarray:
 
 def card_sentences() -> list[list[str]]:
     """Attribute sentences per structure (from its card) for the teacher ensemble."""
-    from napari_cdpdnet.roi.attributes import attribute_card, attribute_sentence
+    from napari_cdpdnet.example.attributes import attribute_card, attribute_sentence
 
     return [[attribute_sentence(attribute_card(s.index))] for s in STRUCTURES]
 

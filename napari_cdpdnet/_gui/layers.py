@@ -29,12 +29,12 @@ import numpy as np
 
 from napari_cdpdnet.errors import InputError
 from napari_cdpdnet.geometry import Geometry
-from napari_cdpdnet.vocabulary import STRUCTURES, Structure
+from napari_cdpdnet.vocabulary.catalog import STRUCTURES, Structure
 
 if TYPE_CHECKING:  # pragma: no cover
     from napari.layers import Labels
 
-    from napari_cdpdnet.roi.fallback import ROI
+    from napari_cdpdnet.example.ranking import ROI
 
 __all__ = [
     "LAYER_PREFIX",
@@ -367,7 +367,7 @@ def example_box_roi(points: np.ndarray, shape: Sequence[int]) -> ROI:
     Raises:
         InputError: no finite vertex (or a missing axis), or a box outside the image.
     """
-    from napari_cdpdnet.roi.fallback import ROI
+    from napari_cdpdnet.example.ranking import ROI
 
     pts = np.asarray(points, dtype=float).reshape(-1, 3)
     if pts.size == 0 or not np.isfinite(pts).all():
@@ -382,7 +382,7 @@ def example_scribble_roi(polylines: Sequence[np.ndarray], shape: Sequence[int]) 
     Raises:
         InputError: no usable vertex, or the stroke lies entirely outside the image.
     """
-    from napari_cdpdnet.roi.fallback import ROI
+    from napari_cdpdnet.example.ranking import ROI
 
     voxels: list[np.ndarray] = []
     for line in polylines:

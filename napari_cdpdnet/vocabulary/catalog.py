@@ -290,7 +290,7 @@ def structure(value: Structure | int | str) -> Structure:
     """The structure with this index (1..32), key, display name or official name.
 
     Exact lookup only (case-insensitive); free text such as "IVC" or "kidney left" goes through
-    :func:`napari_cdpdnet.resolver.resolve`.
+    :func:`napari_cdpdnet.vocabulary.resolver.resolve`.
 
     Raises:
         VocabularyError: nothing matches exactly.
@@ -315,7 +315,7 @@ def structure(value: Structure | int | str) -> Structure:
             return found
         raise VocabularyError(
             f"{value!r} is not a CDPDNet structure key or name; use a key such as 'left_kidney', "
-            "or napari_cdpdnet.resolver.resolve() for free text (run `cdpdnet structures` for the list)"
+            "or napari_cdpdnet.vocabulary.resolver.resolve() for free text (run `cdpdnet structures` for the list)"
         )
     raise VocabularyError(f"{value!r} is not a structure (expected an index, key or name)")
 
@@ -354,9 +354,9 @@ def required_channels(items: Iterable[Structure | int | str]) -> set[int]:
     kidneys, a liver tumour inside the liver, the lungs are split from the union of both lung
     channels, and the portal/splenic vein is cut below the pancreas. The result includes the
     requested channels themselves. The rules live with their implementation in
-    :mod:`napari_cdpdnet.postprocess`.
+    :mod:`napari_cdpdnet.inference.postprocess`.
     """
-    from napari_cdpdnet.postprocess import channels_needed
+    from napari_cdpdnet.inference.postprocess import channels_needed
 
     return set(channels_needed(s.index for s in structures(items)))
 

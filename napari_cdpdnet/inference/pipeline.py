@@ -3,12 +3,12 @@
 ``segment_array`` runs the official test pipeline (SPEC §10–12) for a plan of passes (each pass =
 one task prompt and the output channels it should deliver):
 
-1. :func:`~napari_cdpdnet.transforms.preprocess` — RAS, 1.5 mm, −175…250 HU → 0…1, foreground crop;
-2. :func:`~napari_cdpdnet.sliding_window.sliding_window` per pass — 96³ windows, Gaussian blending
+1. :func:`~napari_cdpdnet.inference.transforms.preprocess` — RAS, 1.5 mm, −175…250 HU → 0…1, foreground crop;
+2. :func:`~napari_cdpdnet.inference.sliding_window.sliding_window` per pass — 96³ windows, Gaussian blending
    of logits, only the channels the pass needs (requested + post-processing companions);
-3. sigmoid > 0.5, :func:`~napari_cdpdnet.postprocess.postprocess` (official rules) and
-   :func:`~napari_cdpdnet.postprocess.merge_labels` (value = structure index, lesions win);
-4. :func:`~napari_cdpdnet.transforms.invert_labels` back onto the source grid (nearest).
+3. sigmoid > 0.5, :func:`~napari_cdpdnet.inference.postprocess.postprocess` (official rules) and
+   :func:`~napari_cdpdnet.inference.postprocess.merge_labels` (value = structure index, lesions win);
+4. :func:`~napari_cdpdnet.inference.transforms.invert_labels` back onto the source grid (nearest).
 
 Presets: ``exact`` (default) is the official pipeline; ``fast`` trades exactness for CPU time with
 overlap 0.25 instead of 0.5 (≈ 2× fewer windows on typical scans) and by skipping windows that
@@ -34,15 +34,20 @@ import numpy as np
 
 from napari_cdpdnet.errors import Cancelled, InputError
 from napari_cdpdnet.geometry import Geometry
-from napari_cdpdnet.postprocess import NUM_STRUCTURES, channels_needed, merge_labels, postprocess
-from napari_cdpdnet.sliding_window import (
+from napari_cdpdnet.inference.postprocess import (
+    NUM_STRUCTURES,
+    channels_needed,
+    merge_labels,
+    postprocess,
+)
+from napari_cdpdnet.inference.sliding_window import (
     EtaEstimator,
     Predictor,
     WindowPlan,
     plan_windows,
     sliding_window,
 )
-from napari_cdpdnet.transforms import (
+from napari_cdpdnet.inference.transforms import (
     IndexBox,
     Preprocessed,
     box_to_preprocessed,
@@ -290,7 +295,7 @@ def segment_array(
         passes: ``[(task_id, [channel, ...]), ...]``; channel ``c`` is structure ``c + 1``. Each
             pass runs the model once over the image with that task prompt.
         predictor: ``predictor(x, task_id) -> logits`` on the resolved device (see
-            :data:`~napari_cdpdnet.sliding_window.Predictor`).
+            :data:`~napari_cdpdnet.inference.sliding_window.Predictor`).
         settings: see :class:`SegmentationSettings` (default: exact, auto device).
         progress: receives :class:`ProgressEvent` s.
         should_stop: polled between stages and before every window batch.

@@ -5,7 +5,7 @@ other way round). Two stages keep the cost down on large scans:
 
 1. **rank** — the network runs for all 32 outputs, with probabilities, on a crop around the ROI
    (``context_mm`` on every side); the ranking comes from the learned mapper when one is given,
-   else from the fallback (:func:`~napari_cdpdnet.roi.fallback.rank_by_probability`).
+   else from the fallback (:func:`~napari_cdpdnet.example.ranking.rank_by_probability`).
 2. **segment** — the chosen structure is segmented on the whole scan (one task pass, no
    probabilities, only that structure requested) and restricted to the
    connected components the ROI touches.
@@ -21,8 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from napari_cdpdnet.geometry import Geometry
-from napari_cdpdnet.roi.fallback import (
+from napari_cdpdnet.example.ranking import (
     ROI,
     Ranking,
     crop_around,
@@ -30,12 +29,17 @@ from napari_cdpdnet.roi.fallback import (
     rank_by_probability,
     restrict,
 )
-from napari_cdpdnet.vocabulary import STRUCTURES, Structure
+from napari_cdpdnet.geometry import Geometry
+from napari_cdpdnet.vocabulary.catalog import STRUCTURES, Structure
 
 if TYPE_CHECKING:  # pragma: no cover
-    from napari_cdpdnet.pipeline import ProgressEvent, SegmentationResult, SegmentationSettings
-    from napari_cdpdnet.roi.mapper import RoiMapper
-    from napari_cdpdnet.segmenter import Segmenter
+    from napari_cdpdnet.example.mapper import RoiMapper
+    from napari_cdpdnet.inference.pipeline import (
+        ProgressEvent,
+        SegmentationResult,
+        SegmentationSettings,
+    )
+    from napari_cdpdnet.inference.segmenter import Segmenter
 
 __all__ = ["ExampleResult", "run_all_structures", "rank_roi", "segment_by_example", "describe_roi", "DEFAULT_CONTEXT_MM"]
 
@@ -84,8 +88,12 @@ def run_all_structures(
     Calls the pipeline directly rather than ``Segmenter.segment``, which would warn about every
     structure absent from a small crop.
     """
-    from napari_cdpdnet.pipeline import SegmentationSettings, resolve_device, segment_array
-    from napari_cdpdnet.vocabulary import plan_passes
+    from napari_cdpdnet.inference.pipeline import (
+        SegmentationSettings,
+        resolve_device,
+        segment_array,
+    )
+    from napari_cdpdnet.vocabulary.catalog import plan_passes
 
     settings = replace(settings or SegmentationSettings(), return_probabilities=True)
     plan = plan_passes(STRUCTURES)
@@ -111,7 +119,7 @@ def rank_roi(
     Returns the ranking, the crop's label map (all 32 structures, post-processed; None when only
     the mapper ran without a model) and the crop slices.
     """
-    from napari_cdpdnet.pipeline import SegmentationSettings
+    from napari_cdpdnet.inference.pipeline import SegmentationSettings
 
     settings = settings or SegmentationSettings()
     roi.check(array.shape)
@@ -149,7 +157,7 @@ def segment_by_example(
     Raises:
         InputError: ROI outside the image; WeightsError: weights missing; Cancelled.
     """
-    from napari_cdpdnet.pipeline import SegmentationSettings
+    from napari_cdpdnet.inference.pipeline import SegmentationSettings
 
     t0 = time.perf_counter()
     settings = settings or SegmentationSettings()
@@ -177,8 +185,12 @@ def segment_by_example(
 
 def describe_roi(roi: ROI, array: np.ndarray, geometry: Geometry) -> str:
     """The attribute sentence of the region an ROI stands for (patient-space words)."""
-    from napari_cdpdnet.roi.attributes import attribute_sentence, body_frame, instance_attributes
-    from napari_cdpdnet.roi.mapper import roi_region
+    from napari_cdpdnet.example.attributes import (
+        attribute_sentence,
+        body_frame,
+        instance_attributes,
+    )
+    from napari_cdpdnet.example.mapper import roi_region
 
     crop, region = roi_region(roi, geometry)
     attrs = instance_attributes(region, array[crop], crop_geometry(geometry, crop),

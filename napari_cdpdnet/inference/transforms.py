@@ -22,7 +22,7 @@ What we checked against MONAI (SPEC §17)
     MONAI 0.9.0 and 1.6.1; the offset rule differs only when no input corner maps to the output
     minimum, which cannot happen here because ``Spacing(diagonal=False)`` keeps the oriented direction
     matrix, so the resampling is a per-axis zoom anchored at oriented voxel 0. The Gaussian blending
-    map *did* change (MONAI 1.1); see :mod:`napari_cdpdnet.sliding_window`.
+    map *did* change (MONAI 1.1); see :mod:`napari_cdpdnet.inference.sliding_window`.
 """
 
 from __future__ import annotations

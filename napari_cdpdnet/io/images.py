@@ -23,7 +23,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from napari_cdpdnet.dicom_series import (
+from napari_cdpdnet.errors import InputError
+from napari_cdpdnet.fileutil import atomic_output, check_writable, full_suffix
+from napari_cdpdnet.geometry import Geometry
+from napari_cdpdnet.io.dicom_series import (
     MAX_SPACING_MM,
     MIN_SPACING_MM,
     DicomSeriesInfo,
@@ -35,9 +38,6 @@ from napari_cdpdnet.dicom_series import (
     select_series,
     series_of_file,
 )
-from napari_cdpdnet.errors import InputError
-from napari_cdpdnet.fileutil import atomic_output, check_writable, full_suffix
-from napari_cdpdnet.geometry import Geometry
 
 if TYPE_CHECKING:  # pragma: no cover
     import SimpleITK as sitk
@@ -48,6 +48,7 @@ __all__ = [
     "SUPPORTED_IMAGE_SUFFIXES",
     "LABEL_MAP_SUFFIXES",
     "is_supported_path",
+    "check_input_path",
     "list_dicom_series",
     "read_ct",
     "read_label_map",
@@ -492,7 +493,7 @@ def read_label_map(path: str | os.PathLike[str]) -> tuple[np.ndarray, Geometry]:
 
     Raises:
         InputError: as :func:`read_ct` for files, plus: negative or fractional values (an image,
-            not a label map), a folder or DICOM file (use ``napari_cdpdnet.dicomseg`` for SEG).
+            not a label map), a folder or DICOM file (use ``napari_cdpdnet.export.dicomseg`` for SEG).
     """
     p = _existing(path)
     if p.is_dir():
@@ -500,7 +501,7 @@ def read_label_map(path: str | os.PathLike[str]) -> tuple[np.ndarray, Geometry]:
     if full_suffix(p) in _DICOM_SUFFIXES or is_dicom_file(p):
         raise InputError(
             f"{p}: a DICOM file; DICOM-SEG label maps are read with "
-            "napari_cdpdnet.dicomseg.read_dicom_seg onto the source series' geometry"
+            "napari_cdpdnet.export.dicomseg.read_dicom_seg onto the source series' geometry"
         )
     vol = _read_file(p)
     return _as_labels(vol.array, str(p)), vol.geometry

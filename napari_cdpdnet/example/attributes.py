@@ -136,7 +136,7 @@ class AttributeCard:
 
     def neighbour_names(self) -> list[str]:
         """Display names of the neighbours, lower case."""
-        from napari_cdpdnet.vocabulary import structure
+        from napari_cdpdnet.vocabulary.catalog import structure
 
         return [structure(k).name.lower() for k in self.neighbours]
 
@@ -144,7 +144,7 @@ class AttributeCard:
 @lru_cache(maxsize=1)
 def attribute_cards() -> tuple[AttributeCard, ...]:
     """All 32 cards in structure order; a malformed resource is a packaging bug and fails loudly."""
-    from napari_cdpdnet.vocabulary import STRUCTURES, structure
+    from napari_cdpdnet.vocabulary.catalog import STRUCTURES, structure
 
     data = load_json("attribute_cards.json")
     raw_cards = data.get("cards", [])
@@ -172,7 +172,7 @@ def attribute_cards() -> tuple[AttributeCard, ...]:
 
 def attribute_card(which: int | str) -> AttributeCard:
     """The card of a structure given by index (1..32), key or any name the vocabulary knows."""
-    from napari_cdpdnet.vocabulary import structure
+    from napari_cdpdnet.vocabulary.catalog import structure
 
     return attribute_cards()[structure(which).index - 1]  # VocabularyError for unknown names
 

@@ -27,10 +27,14 @@ from napari_cdpdnet.geometry import Geometry
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-    from napari_cdpdnet.labeltable import LabelRow
-    from napari_cdpdnet.pipeline import ProgressEvent, SegmentationResult, SegmentationSettings
-    from napari_cdpdnet.resolver import ClipScorer, Resolution
-    from napari_cdpdnet.vocabulary import SegmentationPlan, Structure
+    from napari_cdpdnet.export.labeltable import LabelRow
+    from napari_cdpdnet.inference.pipeline import (
+        ProgressEvent,
+        SegmentationResult,
+        SegmentationSettings,
+    )
+    from napari_cdpdnet.vocabulary.catalog import SegmentationPlan, Structure
+    from napari_cdpdnet.vocabulary.resolver import ClipScorer, Resolution
     from napari_cdpdnet.weights import WeightFiles
 
 __all__ = ["Segmenter", "SegmentationOutput", "parse_request"]
@@ -70,8 +74,8 @@ def parse_request(
         VocabularyError: naming every phrase that is not one of the 32 structures, with
             suggestions, before any computation.
     """
-    from napari_cdpdnet.resolver import resolve_many
-    from napari_cdpdnet.vocabulary import Structure, structure
+    from napari_cdpdnet.vocabulary.catalog import Structure, structure
+    from napari_cdpdnet.vocabulary.resolver import resolve_many
 
     items = [request] if isinstance(request, str) else list(request)
     direct = [i for i in items if isinstance(i, (int, Structure))]
@@ -182,7 +186,7 @@ class Segmenter:
         force_task: int | None = None,
     ) -> tuple[list[Structure], list[Resolution], SegmentationPlan]:
         """Read a request and plan its passes, without loading or computing anything."""
-        from napari_cdpdnet.vocabulary import plan_passes
+        from napari_cdpdnet.vocabulary.catalog import plan_passes
 
         structures, resolutions = parse_request(request, clip_scorer=clip_scorer)
         return structures, resolutions, plan_passes(structures, force_task=force_task)
@@ -205,8 +209,12 @@ class Segmenter:
         (``should_stop()`` returning True) raises :class:`~napari_cdpdnet.errors.Cancelled`
         within one window; nothing is written here in any case.
         """
-        from napari_cdpdnet.labeltable import build_label_table
-        from napari_cdpdnet.pipeline import SegmentationSettings, resolve_device, segment_array
+        from napari_cdpdnet.export.labeltable import build_label_table
+        from napari_cdpdnet.inference.pipeline import (
+            SegmentationSettings,
+            resolve_device,
+            segment_array,
+        )
 
         t0 = time.perf_counter()
         settings = settings or SegmentationSettings()

@@ -21,7 +21,7 @@ import numpy as np
 
 from napari_cdpdnet.errors import InputError
 from napari_cdpdnet.geometry import Geometry
-from napari_cdpdnet.vocabulary import Structure, structure
+from napari_cdpdnet.vocabulary.catalog import Structure, structure
 
 __all__ = [
     "ROI",

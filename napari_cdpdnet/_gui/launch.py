@@ -42,7 +42,7 @@ def open_paths(viewer: Any, paths: Sequence[str | Path]) -> list[str]:
     """Open each path with this plugin's reader; returns the error messages (empty when all opened)."""
     from napari.utils.notifications import show_error
 
-    from napari_cdpdnet.io import check_input_path
+    from napari_cdpdnet.io.images import check_input_path
 
     errors = []
     for path in paths:
@@ -140,7 +140,7 @@ def launch(paths: Sequence[str | Path] = (), *, smoke_report: Path | None = None
         smoke_report: write what the window shows (layers, dock sizes, open dialogs, slider) as
             JSON here, a screenshot beside it (``.png``), and quit once the window has settled.
     """
-    from napari_cdpdnet._triton_guard import block_triton_without_cuda
+    from napari_cdpdnet._gui.triton_guard import block_triton_without_cuda
 
     block_triton_without_cuda()
     import napari

@@ -28,8 +28,13 @@ from pathlib import Path
 import numpy as np
 
 from napari_cdpdnet.errors import CdpdnetError, InputError
+from napari_cdpdnet.export.labeltable import (
+    LabelRow,
+    label_table_path,
+    plain_label_row,
+    structure_row,
+)
 from napari_cdpdnet.geometry import Geometry
-from napari_cdpdnet.labeltable import LabelRow, label_table_path, plain_label_row, structure_row
 
 __all__ = [
     "TISSUE",
@@ -100,7 +105,7 @@ def describe_labels(
         colors: ``#rrggbb`` per value for plain labels (e.g. the napari layer's colours).
         names: names for plain labels (default ``label N``).
     """
-    from napari_cdpdnet.measure import label_statistics
+    from napari_cdpdnet.export.measure import label_statistics
 
     labels = _check_shapes(labels, geometry, image)
     stats = label_statistics(labels, geometry, image)
@@ -135,7 +140,7 @@ def _hex_rgb(color: str) -> tuple[int, int, int] | None:
 def dicom_seg_specs(rows: Sequence[LabelRow], *, edited: Iterable[int] = ()) -> list:
     """DICOM-SEG segment descriptions for table rows: vocabulary codes for structures, the
     generic ``Tissue`` code (algorithm type MANUAL) for plain labels."""
-    from napari_cdpdnet.dicomseg import SegmentSpec, segment_specs
+    from napari_cdpdnet.export.dicomseg import SegmentSpec, segment_specs
 
     edited = {int(v) for v in edited}
     specs = []
@@ -155,7 +160,7 @@ def dicom_seg_specs(rows: Sequence[LabelRow], *, edited: Iterable[int] = ()) -> 
 def label_key(value: int, *, cdpdnet: bool = True) -> str:
     """The key naming a label's files: the structure key (``left_kidney``) or ``label_N``."""
     if cdpdnet and is_structure_value(value):
-        from napari_cdpdnet.vocabulary import structure
+        from napari_cdpdnet.vocabulary.catalog import structure
 
         return structure(int(value)).key
     return f"label_{int(value)}"
@@ -179,7 +184,7 @@ def export_paths(out_path: str | os.PathLike[str], keys: Sequence[str] = (), *, 
     for each of ``keys`` (see :func:`label_key`).
     """
     from napari_cdpdnet.fileutil import full_suffix
-    from napari_cdpdnet.io import LABEL_MAP_SUFFIXES
+    from napari_cdpdnet.io.images import LABEL_MAP_SUFFIXES
 
     out = Path(out_path).expanduser()
     suffix = full_suffix(out)
@@ -261,7 +266,7 @@ def _staging(folder: Path) -> Iterator[_Staging]:
 
 def _write_checked_seg(path: Path, labels: np.ndarray, geometry: Geometry, specs: Sequence) -> None:
     """Write the DICOM-SEG and read it back: each segment must hold exactly its label's voxels."""
-    from napari_cdpdnet.dicomseg import read_dicom_seg, write_dicom_seg
+    from napari_cdpdnet.export.dicomseg import read_dicom_seg, write_dicom_seg
 
     write_dicom_seg(path, labels, geometry, specs)
     back, segments = read_dicom_seg(path, geometry)
@@ -334,7 +339,7 @@ def export_segmentation(
         OutputExistsError: an output exists and ``overwrite`` is false.
     """
     from napari_cdpdnet.fileutil import check_writable
-    from napari_cdpdnet.io import write_label_map
+    from napari_cdpdnet.io.images import write_label_map
 
     labels = _check_shapes(labels, geometry, image)
     if dicom_seg:
@@ -351,7 +356,7 @@ def export_segmentation(
         raise InputError("nothing to put in a DICOM-SEG: the label map is empty")
 
     with _staging(out.parent) as stage:
-        from napari_cdpdnet.labeltable import write_label_table
+        from napari_cdpdnet.export.labeltable import write_label_table
 
         label_names = {row.value: row.name for row in rows}
         write_label_map(stage.path(paths[0]), labels, geometry, label_names=label_names)
@@ -360,7 +365,7 @@ def export_segmentation(
         if dicom_seg:
             _write_checked_seg(stage.path(next(rest)), labels, geometry, dicom_seg_specs(rows, edited=edited))
         if meshes:
-            from napari_cdpdnet.meshes import label_mesh, write_stl
+            from napari_cdpdnet.export.meshes import label_mesh, write_stl
 
             for row in rows:
                 if not row.voxel_count:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from napari_cdpdnet.errors import VocabularyError, WeightsError
-from napari_cdpdnet.vocabulary import (
+from napari_cdpdnet.vocabulary.catalog import (
     PROMPT_TEMPLATE,
     SPECIAL_TERMS,
     STRUCTURES,

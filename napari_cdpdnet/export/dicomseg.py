@@ -48,7 +48,7 @@ def segment_specs(indices: Iterable[int], *, edited: Iterable[int] = ()) -> list
 
     Structures a user edited are declared SEMIAUTOMATIC, the others AUTOMATIC.
     """
-    from napari_cdpdnet.vocabulary import structure
+    from napari_cdpdnet.vocabulary.catalog import structure
 
     edited = {int(i) for i in edited}
     out = []
