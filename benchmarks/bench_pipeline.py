@@ -105,11 +105,9 @@ def child(args: argparse.Namespace) -> dict:
     """Run one scenario in this process and return its measurements."""
     import torch
 
-    from napari_cdpdnet.inference.pipeline import (
-        SegmentationSettings,
-        resolve_device,
-        segment_array,
-    )
+    from napari_cdpdnet.inference.devices import resolve_device
+    from napari_cdpdnet.inference.pipeline import segment_array
+    from napari_cdpdnet.inference.settings import SegmentationSettings
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -51,8 +51,10 @@ from qtpy.QtWidgets import (  # noqa: E402
 from napari_cdpdnet._gui import layers as _layers  # noqa: E402
 from napari_cdpdnet.errors import Cancelled, CdpdnetError, InputError, WeightsError  # noqa: E402
 from napari_cdpdnet.geometry import Geometry  # noqa: E402
-from napari_cdpdnet.inference.pipeline import PRESETS, ProgressEvent, SegmentationSettings  # noqa: E402
+from napari_cdpdnet.inference.devices import available_devices, resolve_device  # noqa: E402
+from napari_cdpdnet.inference.pipeline import ProgressEvent  # noqa: E402
 from napari_cdpdnet.inference.segmenter import SegmentationOutput, Segmenter, parse_request  # noqa: E402
+from napari_cdpdnet.inference.settings import PRESETS, SegmentationSettings, preset_help  # noqa: E402
 from napari_cdpdnet.vocabulary.catalog import (  # noqa: E402
     FIXED_CONDITIONING_NOTE,
     GROUPS,
@@ -86,19 +88,6 @@ def completion_terms() -> list[str]:
     for s in STRUCTURES:
         terms.update([s.name, s.key.replace("_", " "), *s.synonyms, *s.abbreviations])
     return sorted((t for t in terms if t), key=str.casefold)
-
-
-def available_devices() -> list[str]:
-    """``auto`` and ``cpu``, plus ``cuda`` / ``mps`` when this torch build can use them."""
-    import torch
-
-    out = ["auto", "cpu"]
-    if torch.cuda.is_available():
-        out.append("cuda")
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        out.append("mps")
-    return out
 
 
 class _ListCompleter(QCompleter):
@@ -265,10 +254,7 @@ class SegmentationWidget(QWidget):
         opts.addRow("Device:", self.device_combo)
         self.preset_combo = QComboBox()
         self.preset_combo.addItems(list(PRESETS))
-        self.preset_combo.setToolTip(
-            "exact: the official pipeline (overlap 0.5). fast: overlap 0.25 and air-only windows "
-            "skipped, about 2x fewer windows on CPU; results differ slightly."
-        )
+        self.preset_combo.setToolTip(preset_help())
         opts.addRow("Preset:", self.preset_combo)
         self.merge_combo = QComboBox()
         self.merge_combo.setToolTip(
@@ -609,8 +595,6 @@ class SegmentationWidget(QWidget):
             image = self.image_layer()
             structures = self.resolve_request()
             settings = self.settings(image, len(structures))
-            from napari_cdpdnet.inference.pipeline import resolve_device
-
             resolve_device(settings.device)
             merge = self.merge_combo.currentText()
             merge_into = None if merge in ("", _NEW_LAYER) else merge
@@ -977,8 +961,6 @@ class SegmentationWidget(QWidget):
             settings = SegmentationSettings(
                 preset=self.preset_combo.currentText(), device=self.device_combo.currentText()
             )
-            from napari_cdpdnet.inference.pipeline import resolve_device
-
             resolve_device(settings.device)
         except CdpdnetError as exc:
             self._refuse(exc)

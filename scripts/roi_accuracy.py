@@ -65,8 +65,8 @@ def get_probabilities(ct, args, cache: Path) -> tuple[dict[int, np.ndarray], str
     """All 32 probability maps of the example CT: official weights if found offline, else tiny random."""
     from napari_cdpdnet.errors import WeightsError
     from napari_cdpdnet.example.run import run_all_structures
-    from napari_cdpdnet.inference.pipeline import SegmentationSettings
     from napari_cdpdnet.inference.segmenter import Segmenter
+    from napari_cdpdnet.inference.settings import SegmentationSettings
     from napari_cdpdnet.weights import resolve_weights
 
     try:

@@ -10,13 +10,10 @@ import pytest
 
 from napari_cdpdnet.errors import Cancelled, InputError
 from napari_cdpdnet.geometry import Geometry
-from napari_cdpdnet.inference.pipeline import (
-    ProgressEvent,
-    SegmentationSettings,
-    resolve_device,
-    segment_array,
-)
+from napari_cdpdnet.inference.devices import resolve_device
+from napari_cdpdnet.inference.pipeline import ProgressEvent, segment_array
 from napari_cdpdnet.inference.postprocess import merge_labels, postprocess
+from napari_cdpdnet.inference.settings import SegmentationSettings
 from napari_cdpdnet.inference.sliding_window import importance_map
 
 torch = pytest.importorskip("torch")

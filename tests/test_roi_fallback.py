@@ -213,8 +213,8 @@ def test_fallback_chain_lines_up_on_a_real_ct(shared_path) -> None:
     """Clicks in lung and liver of the real scan find the oracle's air and soft-tissue channels,
     on the scan's own grid and on a flipped grid of the same patient."""
     from napari_cdpdnet.example.run import segment_by_example
-    from napari_cdpdnet.inference.pipeline import SegmentationSettings
     from napari_cdpdnet.inference.segmenter import Segmenter
+    from napari_cdpdnet.inference.settings import SegmentationSettings
     from napari_cdpdnet.io.images import read_ct, read_label_map
 
     ct = read_ct(shared_path("data", "totalsegmentator", "example_ct_sm.nii.gz"))

@@ -11,8 +11,8 @@ import pytest
 
 from napari_cdpdnet.cli import main
 from napari_cdpdnet.errors import Cancelled
-from napari_cdpdnet.inference.pipeline import SegmentationSettings
 from napari_cdpdnet.inference.segmenter import Segmenter
+from napari_cdpdnet.inference.settings import SegmentationSettings
 from napari_cdpdnet.io.images import read_ct, read_label_map
 
 pytestmark = pytest.mark.shared

@@ -28,11 +28,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{dist:<14} {_version(dist)}")
     import torch
 
-    devices = ["cpu"]
-    if torch.cuda.is_available():
-        devices += [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        devices.append("mps")
-    print(f"devices        {', '.join(devices)}")
+    from napari_cdpdnet.inference.devices import describe_devices
+
+    print(f"devices        {', '.join(describe_devices())}")
     print(f"cpu threads    {torch.get_num_threads()}")
     return 0

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from napari_cdpdnet.errors import CdpdnetError, InputError
+from napari_cdpdnet.inference.settings import DEFAULT_PRESET, PRESETS, preset_help
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="label map format when OUTPUT is a folder (default .nii.gz)")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for inference")
-    p.add_argument("--preset", choices=("exact", "fast"), default="exact",
-                   help="exact: the official pipeline (default); fast: fewer windows, skips air")
+    p.add_argument("--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET, help=preset_help())
     p.add_argument("--autocast", action="store_true", help="float16 autocast on CUDA (faster, not bit-exact)")
     p.add_argument(
         "--box", type=float, nargs=6, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
@@ -121,8 +121,8 @@ class _ProgressBar:
 
 def run(args: argparse.Namespace) -> int:
     from napari_cdpdnet.fileutil import check_writable
-    from napari_cdpdnet.inference.pipeline import SegmentationSettings
     from napari_cdpdnet.inference.segmenter import Segmenter
+    from napari_cdpdnet.inference.settings import SegmentationSettings
     from napari_cdpdnet.io.images import check_input_path
 
     # Everything that can be checked without compute is checked first.

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from napari_cdpdnet.errors import InputError
+from napari_cdpdnet.inference.settings import DEFAULT_PRESET, PRESETS, preset_help
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="context around the ROI for the ranking run (default 72 mm)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for inference")
-    p.add_argument("--preset", choices=("exact", "fast"), default="exact", help="see 'cdpdnet segment'")
+    p.add_argument("--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET, help=preset_help())
     p.add_argument("--checkpoint", type=Path, help="official CDPDNet checkpoint (cdpdnet.pth)")
     p.add_argument("--dino", type=Path, help="DINOv2-base weights file or folder")
     p.add_argument("--offline", action="store_true", help="never download weights")
@@ -85,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
         write_label_table,
     )
     from napari_cdpdnet.fileutil import check_writable, full_suffix
-    from napari_cdpdnet.inference.pipeline import SegmentationSettings
     from napari_cdpdnet.inference.segmenter import Segmenter
+    from napari_cdpdnet.inference.settings import SegmentationSettings
     from napari_cdpdnet.io.images import LABEL_MAP_SUFFIXES, read_ct, write_label_map
 
     if not args.input.exists():

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from napari_cdpdnet.errors import InputError
+from napari_cdpdnet.inference.settings import PRESETS, preset_help
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dino", type=Path, help="DINOv2-base weights (only with --with-model)")
     p.add_argument("--offline", action="store_true", help="never download weights")
     p.add_argument("--device", default="auto", help="device for --with-model")
-    p.add_argument("--preset", choices=("exact", "fast"), default="fast", help="pipeline preset for --with-model")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="fast", help="pipeline preset for --with-model: " + preset_help())
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=run)
 
@@ -138,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
 def _probabilities(segmenter, ct, args: argparse.Namespace) -> dict:
     """All 32 sigmoid maps of one CT (7 task passes)."""
     from napari_cdpdnet.example.run import run_all_structures
-    from napari_cdpdnet.inference.pipeline import SegmentationSettings
+    from napari_cdpdnet.inference.settings import SegmentationSettings
 
     settings = SegmentationSettings(preset=args.preset, device=args.device)
     return run_all_structures(segmenter, ct.array, ct.geometry, settings).probabilities or {}

@@ -34,12 +34,9 @@ from napari_cdpdnet.vocabulary.catalog import STRUCTURES, Structure
 
 if TYPE_CHECKING:  # pragma: no cover
     from napari_cdpdnet.example.mapper import RoiMapper
-    from napari_cdpdnet.inference.pipeline import (
-        ProgressEvent,
-        SegmentationResult,
-        SegmentationSettings,
-    )
+    from napari_cdpdnet.inference.pipeline import ProgressEvent, SegmentationResult
     from napari_cdpdnet.inference.segmenter import Segmenter
+    from napari_cdpdnet.inference.settings import SegmentationSettings
 
 __all__ = ["ExampleResult", "run_all_structures", "rank_roi", "segment_by_example", "describe_roi", "DEFAULT_CONTEXT_MM"]
 
@@ -88,11 +85,9 @@ def run_all_structures(
     Calls the pipeline directly rather than ``Segmenter.segment``, which would warn about every
     structure absent from a small crop.
     """
-    from napari_cdpdnet.inference.pipeline import (
-        SegmentationSettings,
-        resolve_device,
-        segment_array,
-    )
+    from napari_cdpdnet.inference.devices import resolve_device
+    from napari_cdpdnet.inference.pipeline import segment_array
+    from napari_cdpdnet.inference.settings import SegmentationSettings
     from napari_cdpdnet.vocabulary.catalog import plan_passes
 
     settings = replace(settings or SegmentationSettings(), return_probabilities=True)
@@ -119,7 +114,7 @@ def rank_roi(
     Returns the ranking, the crop's label map (all 32 structures, post-processed; None when only
     the mapper ran without a model) and the crop slices.
     """
-    from napari_cdpdnet.inference.pipeline import SegmentationSettings
+    from napari_cdpdnet.inference.settings import SegmentationSettings
 
     settings = settings or SegmentationSettings()
     roi.check(array.shape)
@@ -157,7 +152,7 @@ def segment_by_example(
     Raises:
         InputError: ROI outside the image; WeightsError: weights missing; Cancelled.
     """
-    from napari_cdpdnet.inference.pipeline import SegmentationSettings
+    from napari_cdpdnet.inference.settings import SegmentationSettings
 
     t0 = time.perf_counter()
     settings = settings or SegmentationSettings()

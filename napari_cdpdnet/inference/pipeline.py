@@ -34,12 +34,14 @@ import numpy as np
 
 from napari_cdpdnet.errors import Cancelled, InputError
 from napari_cdpdnet.geometry import Geometry
+from napari_cdpdnet.inference.devices import resolve_device
 from napari_cdpdnet.inference.postprocess import (
     NUM_STRUCTURES,
     channels_needed,
     merge_labels,
     postprocess,
 )
+from napari_cdpdnet.inference.settings import PRESETS, SegmentationSettings
 from napari_cdpdnet.inference.sliding_window import (
     EtaEstimator,
     Predictor,
@@ -59,9 +61,9 @@ from napari_cdpdnet.inference.transforms import (
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
+# PRESETS, SegmentationSettings and resolve_device are re-exported for callers of this module.
 __all__ = [
     "PRESETS",
-    "NUM_TASKS",
     "SegmentationSettings",
     "SegmentationResult",
     "ProgressEvent",
@@ -73,77 +75,6 @@ logger = logging.getLogger(__name__)
 
 #: Task prompts of the official model (ids 0…10, SPEC §7).
 NUM_TASKS = 11
-
-#: Preset defaults; every field can be overridden in :class:`SegmentationSettings`.
-PRESETS: dict[str, dict[str, Any]] = {
-    "exact": {"overlap": 0.5, "skip_air": False},
-    "fast": {"overlap": 0.25, "skip_air": True},
-}
-
-#: ``(corner, opposite corner)``, LPS millimetres.
-RoiBox = tuple[tuple[float, float, float], tuple[float, float, float]]
-
-
-@dataclass(frozen=True)
-class SegmentationSettings:
-    """How to run a segmentation (what to segment comes separately, as passes).
-
-    Attributes:
-        preset: ``"exact"`` (official pipeline) or ``"fast"`` (see module docstring).
-        device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``.
-        threads: CPU threads for torch during the run (None: leave torch's setting).
-        autocast: float16 autocast on CUDA (faster, not bit-exact; ignored on other devices).
-        sw_batch_size: windows per model call (None: 1 on CPU so Cancel acts within one window,
-            2 on GPUs as the official code; results do not depend on it).
-        overlap: window overlap (None: preset; official 0.5).
-        skip_air: skip windows holding only air (None: preset).
-        roi: box ``((x0, y0, z0), (x1, y1, z1))`` in LPS mm; only windows covering it run and
-            labels outside it are background.
-        return_probabilities: also return per-structure sigmoid maps on the source grid (before
-            post-processing; float32, 4 bytes per voxel per structure).
-    """
-
-    preset: str = "exact"
-    device: str = "auto"
-    threads: int | None = None
-    autocast: bool = False
-    sw_batch_size: int | None = None
-    overlap: float | None = None
-    skip_air: bool | None = None
-    roi: RoiBox | None = None
-    return_probabilities: bool = False
-
-    def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise InputError(f"preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
-        if self.threads is not None and int(self.threads) < 1:
-            raise InputError(f"threads {self.threads!r}: must be at least 1")
-        if self.sw_batch_size is not None and int(self.sw_batch_size) < 1:
-            raise InputError(f"sw_batch_size {self.sw_batch_size!r}: must be at least 1")
-        if self.overlap is not None and not 0.0 <= float(self.overlap) < 1.0:
-            raise InputError(f"overlap {self.overlap!r}: must be at least 0 and below 1 (official 0.5)")
-
-    @property
-    def effective_overlap(self) -> float:
-        """The overlap that will be used."""
-        return float(PRESETS[self.preset]["overlap"] if self.overlap is None else self.overlap)
-
-    @property
-    def effective_skip_air(self) -> bool:
-        """Whether air-only windows will be skipped."""
-        return bool(PRESETS[self.preset]["skip_air"] if self.skip_air is None else self.skip_air)
-
-    def batch_size_for(self, device: torch.device) -> int:
-        """Windows per model call on ``device``."""
-        if self.sw_batch_size is not None:
-            return int(self.sw_batch_size)
-        return 1 if device.type == "cpu" else 2
-
-    @property
-    def is_official(self) -> bool:
-        """True when nothing deviates from the official pipeline (ROI aside, which only restricts)."""
-        return self.effective_overlap == 0.5 and not self.effective_skip_air and not self.autocast
-
 
 @dataclass(frozen=True)
 class ProgressEvent:
@@ -195,42 +126,6 @@ class SegmentationResult:
     windows_total: int
     device: str
     settings: SegmentationSettings
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """A torch device from ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda[:N]"``, ``"mps"``.
-
-    Raises:
-        InputError: unknown name, or a device this machine/torch build cannot use.
-    """
-    import torch
-
-    text = str(name).strip().lower()
-    mps_ok = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
-    if text == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps") if mps_ok else torch.device("cpu")
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError) as exc:
-        raise InputError(f"device {name!r}: unknown; use auto, cpu, cuda, cuda:N or mps") from exc
-    if device.type == "cpu":
-        return device
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            why = ("this torch build has no CUDA support" if torch.version.cuda is None
-                   else "no CUDA GPU is visible")
-            raise InputError(f"device {name!r}: {why} (torch {torch.__version__}); use auto or cpu")
-        n = torch.cuda.device_count()
-        if device.index is not None and device.index >= n:
-            raise InputError(f"device {name!r}: only {n} CUDA device(s) (cuda:0…cuda:{n - 1})")
-        return device
-    if device.type == "mps":
-        if not mps_ok:
-            raise InputError(f"device {name!r}: Apple MPS is not available here; use auto or cpu")
-        return device
-    raise InputError(f"device {name!r}: unsupported; use auto, cpu, cuda, cuda:N or mps")
 
 
 @contextlib.contextmanager

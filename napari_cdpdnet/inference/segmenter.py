@@ -28,11 +28,8 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
     from napari_cdpdnet.export.labeltable import LabelRow
-    from napari_cdpdnet.inference.pipeline import (
-        ProgressEvent,
-        SegmentationResult,
-        SegmentationSettings,
-    )
+    from napari_cdpdnet.inference.pipeline import ProgressEvent, SegmentationResult
+    from napari_cdpdnet.inference.settings import SegmentationSettings
     from napari_cdpdnet.vocabulary.catalog import SegmentationPlan, Structure
     from napari_cdpdnet.vocabulary.resolver import ClipScorer, Resolution
     from napari_cdpdnet.weights import WeightFiles
@@ -210,11 +207,9 @@ class Segmenter:
         within one window; nothing is written here in any case.
         """
         from napari_cdpdnet.export.labeltable import build_label_table
-        from napari_cdpdnet.inference.pipeline import (
-            SegmentationSettings,
-            resolve_device,
-            segment_array,
-        )
+        from napari_cdpdnet.inference.devices import resolve_device
+        from napari_cdpdnet.inference.pipeline import segment_array
+        from napari_cdpdnet.inference.settings import SegmentationSettings
 
         t0 = time.perf_counter()
         settings = settings or SegmentationSettings()

@@ -269,9 +269,14 @@ class Trainer:
         self.dist = DistInfo.from_env()
         self.progress = progress
         self.should_stop = should_stop or (lambda: False)
-        if device == "auto":
-            device = f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        from napari_cdpdnet.inference.devices import resolve_device
+
+        # "auto": this rank's own GPU under torchrun; CPU without CUDA (MPS is not used to train)
+        self.device = (
+            resolve_device("cuda", local_rank=self.dist.local_rank)
+            if device == "auto" and torch.cuda.is_available()
+            else torch.device("cpu" if device == "auto" else device)
+        )
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.amp = config.amp if config.amp is not None else self.device.type == "cuda"

@@ -1,0 +1,120 @@
+"""How a segmentation runs: the presets every face offers, and the settings of one run.
+
+:data:`PRESETS` is the one list of presets: ``cdpdnet segment --preset``, ``segment-by-example``,
+``train-roi-prompts`` and the GUI's combo all read their choices from it. No torch at import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from napari_cdpdnet.errors import InputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+__all__ = ["Preset", "PRESETS", "DEFAULT_PRESET", "RoiBox", "SegmentationSettings", "preset_help"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named set of defaults for :class:`SegmentationSettings` (each can be overridden).
+
+    Attributes:
+        name: what the CLI's ``--preset`` and the GUI's combo show.
+        overlap: sliding-window overlap (official 0.5).
+        skip_air: skip windows that hold only air (≤ −175 HU).
+        summary: one line for ``--help`` and the GUI's tooltip.
+    """
+
+    name: str
+    overlap: float
+    skip_air: bool
+    summary: str
+
+
+#: Every preset, in the order the faces list them; the first is the default. The CLI's
+#: ``--preset`` choices and the GUI's combo are read from here: a preset added here appears in
+#: both, and nowhere else needs to change.
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("exact", 0.5, False, "the official pipeline (overlap 0.5), the default"),
+        Preset(
+            "fast", 0.25, True,
+            "overlap 0.25 and air-only windows skipped: about 2x fewer windows on CPU; "
+            "results differ slightly from exact",
+        ),
+    )
+}
+DEFAULT_PRESET = next(iter(PRESETS))
+
+
+def preset_help() -> str:
+    """One line per preset, for ``--help`` texts and tooltips."""
+    return "; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values())
+
+#: ``(corner, opposite corner)``, LPS millimetres.
+RoiBox = tuple[tuple[float, float, float], tuple[float, float, float]]
+
+
+@dataclass(frozen=True)
+class SegmentationSettings:
+    """How to run a segmentation (what to segment comes separately, as passes).
+
+    Attributes:
+        preset: a name in :data:`PRESETS` (``"exact"``: the official pipeline).
+        device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``.
+        threads: CPU threads for torch during the run (None: leave torch's setting).
+        autocast: float16 autocast on CUDA (faster, not bit-exact; ignored on other devices).
+        sw_batch_size: windows per model call (None: 1 on CPU so Cancel acts within one window,
+            2 on GPUs as the official code; results do not depend on it).
+        overlap: window overlap (None: preset; official 0.5).
+        skip_air: skip windows holding only air (None: preset).
+        roi: box ``((x0, y0, z0), (x1, y1, z1))`` in LPS mm; only windows covering it run and
+            labels outside it are background.
+        return_probabilities: also return per-structure sigmoid maps on the source grid (before
+            post-processing; float32, 4 bytes per voxel per structure).
+    """
+
+    preset: str = DEFAULT_PRESET
+    device: str = "auto"
+    threads: int | None = None
+    autocast: bool = False
+    sw_batch_size: int | None = None
+    overlap: float | None = None
+    skip_air: bool | None = None
+    roi: RoiBox | None = None
+    return_probabilities: bool = False
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise InputError(f"preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
+        if self.threads is not None and int(self.threads) < 1:
+            raise InputError(f"threads {self.threads!r}: must be at least 1")
+        if self.sw_batch_size is not None and int(self.sw_batch_size) < 1:
+            raise InputError(f"sw_batch_size {self.sw_batch_size!r}: must be at least 1")
+        if self.overlap is not None and not 0.0 <= float(self.overlap) < 1.0:
+            raise InputError(f"overlap {self.overlap!r}: must be at least 0 and below 1 (official 0.5)")
+
+    @property
+    def effective_overlap(self) -> float:
+        """The overlap that will be used."""
+        return float(PRESETS[self.preset].overlap if self.overlap is None else self.overlap)
+
+    @property
+    def effective_skip_air(self) -> bool:
+        """Whether air-only windows will be skipped."""
+        return bool(PRESETS[self.preset].skip_air if self.skip_air is None else self.skip_air)
+
+    def batch_size_for(self, device: torch.device) -> int:
+        """Windows per model call on ``device``."""
+        if self.sw_batch_size is not None:
+            return int(self.sw_batch_size)
+        return 1 if device.type == "cpu" else 2
+
+    @property
+    def is_official(self) -> bool:
+        """True when nothing deviates from the official pipeline (ROI aside, which only restricts)."""
+        return self.effective_overlap == 0.5 and not self.effective_skip_air and not self.autocast
