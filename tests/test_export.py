@@ -15,7 +15,7 @@ from napari_cdpdnet._writer import write_labels_dicom_seg
 from napari_cdpdnet.errors import InputError, OutputExistsError
 from napari_cdpdnet.export.dicomseg import read_dicom_seg
 from napari_cdpdnet.export.measure import label_statistics
-from napari_cdpdnet.export.segmentation import (
+from napari_cdpdnet.export import (
     TISSUE,
     describe_labels,
     export_dicom_seg,
@@ -99,7 +99,7 @@ def test_dicom_seg_references_the_series_and_carries_snomed_codes(dcmqi, tmp_pat
     labels = liver.astype(np.uint8) * 6  # CDPDNet liver
     labels[1, 100:140, 300:330] = 40  # a hand-drawn label that is no CDPDNet structure
     out = tmp_path / "liver.nrrd"
-    written = export_segmentation(labels, ct.geometry, ct.array, out, dicom_seg=True, edited={6})
+    written = export_segmentation(labels, ct.geometry, ct.array, out, formats={"dicom_seg"}, edited={6})
     seg_path = tmp_path / "liver.seg.dcm"
     assert written == [out, tmp_path / "liver.csv", seg_path]
 
@@ -123,7 +123,7 @@ def test_dicom_seg_references_the_series_and_carries_snomed_codes(dcmqi, tmp_pat
 def test_dicom_seg_needs_a_dicom_source_and_writes_nothing_otherwise(totalseg, tmp_path: Path) -> None:
     ct, _, cdp = totalseg
     with pytest.raises(InputError, match="not read from DICOM"):
-        export_segmentation(cdp, ct.geometry, ct.array, tmp_path / "a.nii.gz", dicom_seg=True)
+        export_segmentation(cdp, ct.geometry, ct.array, tmp_path / "a.nii.gz", formats={"dicom_seg"})
     with pytest.raises(InputError, match="not read from DICOM"):
         export_dicom_seg(cdp, ct.geometry, tmp_path / "a.dcm")
     assert list(tmp_path.iterdir()) == []
@@ -150,7 +150,7 @@ def test_nothing_partial_when_a_step_fails(totalseg, tmp_path: Path, monkeypatch
 
     monkeypatch.setattr(meshes, "write_stl", broken)
     with pytest.raises(OSError, match="disk full"):
-        export_segmentation(cdp, ct.geometry, ct.array, tmp_path / "r.nii.gz", meshes=True)
+        export_segmentation(cdp, ct.geometry, ct.array, tmp_path / "r.nii.gz", formats={"stl"})
     assert list(tmp_path.iterdir()) == []  # no label map, no table, no staging folder
 
 
@@ -179,7 +179,7 @@ def test_failed_publish_puts_replaced_files_back(totalseg, tmp_path: Path, monke
 def test_meshes_one_stl_per_structure(dcmqi, tmp_path: Path) -> None:
     ct, liver = dcmqi
     labels = liver.astype(np.uint8) * 6
-    written = export_segmentation(labels, ct.geometry, None, tmp_path / "m.mha", meshes=True)
+    written = export_segmentation(labels, ct.geometry, None, tmp_path / "m.mha", formats={"stl"})
     assert [p.name for p in written] == ["m.mha", "m.csv", "m_liver.stl"]
     data = written[2].read_bytes()
     (n,) = struct.unpack("<I", data[80:84])
