@@ -174,6 +174,9 @@ def test_buttons_use_the_dialogs_and_ask_before_overwriting(ct_viewer, tmp_path:
     widget.csv_button.click()
     assert target.read_text().startswith("value,key,name")
 
+    from napari_cdpdnet.export import optional_formats
+
+    assert list(widget.format_checks) == [f.name for f in optional_formats(probabilities=False)]
     widget.ask_save_path = lambda caption, file_filter: str(tmp_path / "seg.nrrd")
     widget.format_checks["stl"].setChecked(True)
     widget.export_button.click()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from napari_cdpdnet.errors import CdpdnetError, InputError
 from napari_cdpdnet.export.formats import FORMATS, optional_formats
+from napari_cdpdnet.geometry import Geometry
 from napari_cdpdnet.inference.settings import DEFAULT_PRESET, PRESETS, preset_help
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=(
             "examples:\n"
             "  cdpdnet segment ct.nii.gz -s liver -s 'left kidney' -o liver_kidney.nii.gz\n"
-            "  cdpdnet segment dicom_folder/ -s 'liver, spleen' -o out/ --dicom-seg\n"
+            "  cdpdnet segment dicom_folder/ -s 'liver, spleen' -o out/ --dicom-seg --stl\n"
             "  cdpdnet segment a.nii.gz b.nii.gz c.nrrd -s pancreas -o results/ --preset fast\n"
         ),
     )
@@ -84,7 +85,7 @@ def chosen_formats(args: argparse.Namespace) -> list[str]:
     return [fmt.name for fmt in optional_formats() if getattr(args, fmt.name, False)]
 
 
-def check_dicom_source(path: Path, geometry, formats: list[str]) -> None:
+def check_dicom_source(path: Path, geometry: Geometry, formats: list[str]) -> None:
     """Refuse, before segmenting, a format that needs a DICOM source for a CT read from a file."""
     needs = [FORMATS[name] for name in formats if FORMATS[name].needs_dicom]
     if needs and geometry.dicom is None:
