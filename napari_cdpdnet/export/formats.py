@@ -78,7 +78,8 @@ class ExportFormat:
         needs_dicom: only for CTs read from a DICOM series.
         needs_probabilities: needs the probability maps of a segmentation run (not offered by
             the structure table, which exports layers).
-        rows: for per-label formats, the labels that get a file (default: labels with voxels).
+        per_label_rows: for per-label formats, the labels that get a file (default: labels with
+            voxels).
     """
 
     name: str
@@ -89,7 +90,7 @@ class ExportFormat:
     required: bool = False
     needs_dicom: bool = False
     needs_probabilities: bool = False
-    rows: Callable[[ExportJob], Sequence[LabelRow]] = _rows_with_voxels
+    per_label_rows: Callable[[ExportJob], Sequence[LabelRow]] = _rows_with_voxels
 
     @property
     def flag(self) -> str:
@@ -111,7 +112,7 @@ class ExportFormat:
         """``(path, label row or None)`` for every file this format writes for ``job``."""
         if not self.per_label:
             return [(self.paths(out)[0], None)]
-        rows = list(self.rows(job))
+        rows = list(self.per_label_rows(job))
         return list(zip(self.paths(out, [r.key for r in rows]), rows, strict=True))
 
 
@@ -181,7 +182,7 @@ FORMATS: dict[str, ExportFormat] = {
         ExportFormat("probabilities", "Probability maps",
                      "one probability map per structure (<name>_<key>_prob.nii.gz)",
                      "{stem}_{key}_prob.nii.gz", _write_probability, needs_probabilities=True,
-                     rows=_rows_with_probabilities),
+                     per_label_rows=_rows_with_probabilities),
     )
 }
 
