@@ -1,7 +1,8 @@
 """Dock widget "CDPDNet structures": per-label measurements that follow the user's edits, and export.
 
-Thin on purpose: measuring and writing live in :mod:`napari_cdpdnet.export.segmentation`; this widget picks
-the layers, keeps the table current and turns errors into notifications.
+Thin on purpose: measuring and writing live in :mod:`napari_cdpdnet.export`; this widget picks
+the layers and keeps the table current; its export buttons and format checkboxes (one per optional
+format of the export registry) come from :class:`napari_cdpdnet._gui.table_export.TableExport`.
 
 * The table is re-measured a short while after the last edit (paint strokes, fills, undo/redo,
   data replaced), so painting stays smooth; big volumes are measured in a worker thread.
@@ -16,29 +17,24 @@ the layers, keeps the table current and turns errors into notifications.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtGui import QColor
 from qtpy.QtWidgets import (
-    QCheckBox,
     QComboBox,
-    QFileDialog,
     QFormLayout,
-    QHBoxLayout,
     QHeaderView,
     QLabel,
-    QMessageBox,
-    QPushButton,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
 
+from napari_cdpdnet._gui.table_export import TableExport, hex_color
 from napari_cdpdnet.errors import CdpdnetError
 from napari_cdpdnet.geometry import Geometry
 
@@ -97,13 +93,6 @@ def layer_geometry(labels: Labels, image: Image | None = None) -> Geometry:
     return geometry
 
 
-def _hex(rgba: Any) -> str:
-    if rgba is None:
-        return ""
-    r, g, b = (int(round(float(c) * 255)) for c in list(rgba)[:3])
-    return f"#{r:02x}{g:02x}{b:02x}"
-
-
 def _edited_values(atoms: Iterable[Any]) -> set[int]:
     """Label values touched by one napari paint history item (both the old and the new ones)."""
     out: set[int] = set()
@@ -118,24 +107,7 @@ def _edited_values(atoms: Iterable[Any]) -> set[int]:
     return out
 
 
-def _ask_save_path(parent: QWidget, caption: str, file_filter: str) -> str | None:
-    path, _ = QFileDialog.getSaveFileName(
-        parent, caption, str(Path.home()), file_filter,
-        options=QFileDialog.Option.DontConfirmOverwrite,  # we ask ourselves, listing every file
-    )
-    return path or None
-
-
-def _confirm_overwrite(parent: QWidget, paths: Sequence[Path]) -> bool:
-    names = "\n".join(str(p) for p in paths)
-    answer = QMessageBox.question(
-        parent, "Replace files?", f"These files exist already:\n{names}\n\nReplace them?",
-        QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, QMessageBox.StandardButton.No,
-    )
-    return answer == QMessageBox.StandardButton.Yes
-
-
-class StructureTableWidget(QWidget):
+class StructureTableWidget(TableExport, QWidget):
     """Per-label name, colour, voxel count, volume, HU mean/SD and a reviewed checkbox; export.
 
     Args:
@@ -151,19 +123,12 @@ class StructureTableWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.thread_voxels = thread_voxels
-        #: ``ask_save_path(caption, filter) -> path or None``; replace to bypass the file dialog.
-        self.ask_save_path: Callable[[str, str], str | None] = lambda c, f: _ask_save_path(self, c, f)
-        #: ``confirm_overwrite(existing paths) -> bool``; replace to bypass the question.
-        self.confirm_overwrite: Callable[[Sequence[Path]], bool] = lambda p: _confirm_overwrite(self, p)
         self.rows: list[LabelRow] = []
         self._layer: Labels | None = None
         self._history_state: tuple[int, int] | None = None
         self._generation = 0
         self._worker: Any = None
         self._rerun = False
-        self._export_worker: Any = None
-        #: Paths written by the last export (also when a worker wrote them), else None.
-        self.last_export: list[Path] | None = None
 
         self.labels_combo = QComboBox()
         self.image_combo = QComboBox()
@@ -176,23 +141,11 @@ class StructureTableWidget(QWidget):
         header.setSectionResizeMode(1, QHeaderView.ResizeMode.Stretch)
         self.status = QLabel("")
         self.status.setWordWrap(True)
-        self.dicom_seg_check = QCheckBox("DICOM-SEG")
-        self.dicom_seg_check.setToolTip("also write a DICOM Segmentation referencing the source series")
-        self.stl_check = QCheckBox("STL meshes")
-        self.stl_check.setToolTip("also write one surface mesh (LPS mm) per structure")
-        self.csv_button = QPushButton("Export CSV...")
-        self.export_button = QPushButton("Export...")
+        options, buttons = self._export_controls()
 
         form = QFormLayout()
         form.addRow("Labels", self.labels_combo)
         form.addRow("Image (HU)", self.image_combo)
-        options = QHBoxLayout()
-        options.addWidget(self.dicom_seg_check)
-        options.addWidget(self.stl_check)
-        options.addStretch()
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.csv_button)
-        buttons.addWidget(self.export_button)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(self.table)
@@ -208,8 +161,6 @@ class StructureTableWidget(QWidget):
         self.labels_combo.currentIndexChanged.connect(self._labels_chosen)
         self.image_combo.currentIndexChanged.connect(self.schedule_refresh)
         self.table.itemChanged.connect(self._item_changed)
-        self.csv_button.clicked.connect(self._csv_clicked)
-        self.export_button.clicked.connect(self._export_clicked)
         layers = self.viewer.layers.events
         layers.inserted.connect(self._layers_changed)
         layers.removed.connect(self._layers_changed)
@@ -351,7 +302,7 @@ class StructureTableWidget(QWidget):
 
     def refresh(self) -> None:
         """Re-measure the chosen layer now (in a worker thread for big volumes)."""
-        from napari_cdpdnet.export.segmentation import describe_labels
+        from napari_cdpdnet.export import describe_labels
 
         self._timer.stop()
         if self._worker is not None:  # one measurement at a time; redo when it ends
@@ -413,7 +364,7 @@ class StructureTableWidget(QWidget):
 
     def _show_rows(self, rows: list[LabelRow], error: str | None = None, *, with_hu: bool = True) -> None:
         """Fill the table; the status line says what is shown (or why nothing is)."""
-        from napari_cdpdnet.export.segmentation import with_reviewed
+        from napari_cdpdnet.export import with_reviewed
 
         layer = self._layer
         reviewed = set((layer.metadata or {}).get("reviewed_labels") or ()) if layer is not None else set()
@@ -421,7 +372,7 @@ class StructureTableWidget(QWidget):
         with _blocked(self.table):
             self.table.setRowCount(len(self.rows))
             for i, row in enumerate(self.rows):
-                color = _hex(layer.get_color(row.value)) if layer is not None else row.color
+                color = hex_color(layer.get_color(row.value)) if layer is not None else row.color
                 swatch = QTableWidgetItem("")
                 swatch.setBackground(QColor(color or row.color or "#000000"))
                 swatch.setToolTip(color or row.color)
@@ -454,7 +405,7 @@ class StructureTableWidget(QWidget):
 
     def _item_changed(self, item: QTableWidgetItem) -> None:
         """A reviewed checkbox was toggled: store it on the layer, no re-measure needed."""
-        from napari_cdpdnet.export.segmentation import with_reviewed
+        from napari_cdpdnet.export import with_reviewed
 
         if item.column() != _REVIEWED_COLUMN or self._layer is None:
             return
@@ -475,136 +426,6 @@ class StructureTableWidget(QWidget):
                 self.table.item(i, _REVIEWED_COLUMN).setCheckState(state)
                 return
         raise KeyError(f"label {value} is not in the table")
-
-    # ------------------------------------------------------------------ export
-    def _may_write(self, paths: Sequence[Path], overwrite: bool) -> bool | None:
-        """None: stop (the user declined); else the overwrite flag to pass on."""
-        import os
-
-        existing = [p for p in paths if os.path.lexists(p)]
-        if not existing or overwrite:
-            return overwrite
-        if self.confirm_overwrite(existing):
-            return True
-        self.status.setText("not exported: the files exist and were kept")
-        return None
-
-    def export_csv_to(self, path: str | Path, *, overwrite: bool = False) -> Path | None:
-        """Write the label table (measured now, with the reviewed column) to ``path``.
-
-        Asks through :attr:`confirm_overwrite` before replacing a file. Returns the path, or None
-        when nothing was written (declined, or an error shown as a notification).
-        """
-        from napari_cdpdnet.export.labeltable import write_label_table
-        from napari_cdpdnet.export.segmentation import describe_labels
-
-        try:
-            path = Path(path).expanduser()
-            flag = self._may_write([path], overwrite)
-            if flag is None:
-                return None
-            labels, geometry, image, options = self._inputs()
-            rows = describe_labels(labels, geometry, image, **options)
-            written = write_label_table(path, rows, overwrite=flag)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a notification
-            self._notify_error(exc)
-            return None
-        self.status.setText(f"wrote {written}")
-        return written
-
-    def export_to(
-        self, path: str | Path, *, dicom_seg: bool | None = None, meshes: bool | None = None,
-        overwrite: bool = False, background: bool | None = False,
-    ) -> list[Path] | None:
-        """Export the label map on its CT grid + table (+ DICOM-SEG, + STL) to ``path``.
-
-        ``dicom_seg``/``meshes`` default to the checkboxes. Asks through
-        :attr:`confirm_overwrite` before replacing any file. ``background``: write in a worker
-        thread (True), here (False), or in a worker for volumes over ``thread_voxels`` (None,
-        what the button does); a worker exports a copy of the labels taken now.
-
-        Returns:
-            The written paths; None when nothing was written (declined, or an error shown as a
-            notification) or when a worker does the writing (its result lands in
-            :attr:`last_export` and the status line).
-        """
-        from napari_cdpdnet.export.segmentation import (
-            export_paths,
-            export_segmentation,
-            label_key,
-            present_values,
-        )
-
-        dicom_seg = self.dicom_seg_check.isChecked() if dicom_seg is None else dicom_seg
-        meshes = self.stl_check.isChecked() if meshes is None else meshes
-        self.last_export = None
-        try:
-            labels, geometry, image, options = self._inputs()
-            values = present_values(labels)
-            keys = [label_key(v, cdpdnet=options["cdpdnet"]) for v in values]
-            paths = export_paths(path, keys, dicom_seg=dicom_seg, meshes=meshes)
-            flag = self._may_write(paths, overwrite)
-            if flag is None:
-                return None
-            layer = self.labels_layer()
-            colors = {v: _hex(layer.get_color(v)) for v in values}
-            kwargs = dict(dicom_seg=dicom_seg, meshes=meshes, colors=colors, overwrite=flag, **options)
-            if background is None:
-                background = labels.size > self.thread_voxels
-            if not background:
-                written = export_segmentation(labels, geometry, image, path, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a notification
-            self._notify_error(exc)
-            return None
-        if background:
-            from napari.qt.threading import create_worker
-
-            self.status.setText(f"exporting {Path(path).name}...")
-            self.export_button.setEnabled(False)
-            worker = create_worker(export_segmentation, labels.copy(), geometry, image, path, **kwargs,
-                                   _start_thread=False)
-            worker.returned.connect(self._exported)
-            worker.errored.connect(self._notify_error)
-            worker.finished.connect(self._export_finished)
-            self._export_worker = worker
-            worker.start()
-            return None
-        self._exported(written)
-        return written
-
-    def _exported(self, written: list[Path]) -> None:
-        self.last_export = written
-        self.status.setText(f"exported {len(written)} files: {', '.join(p.name for p in written)}")
-
-    def _export_finished(self) -> None:
-        self._export_worker = None
-        self.export_button.setEnabled(True)
-
-    def _csv_clicked(self) -> None:
-        path = self.ask_save_path("Export structure table", "CSV table (*.csv)")
-        if path:
-            self.export_csv_to(path)
-
-    def _export_clicked(self) -> None:
-        path = self.ask_save_path(
-            "Export label map (table, DICOM-SEG and meshes are written beside it)",
-            "Label map (*.nii.gz *.nii *.nrrd *.seg.nrrd *.mha)",
-        )
-        if path:
-            self.export_to(path, background=None)
-
-    def _notify_error(self, exc: BaseException) -> None:
-        """A CdpdnetError's message as it is; anything else is a bug: logged with its traceback,
-        shown as one line."""
-        from napari.utils.notifications import show_error
-
-        if isinstance(exc, CdpdnetError):
-            message = str(exc)
-        else:
-            logger.error("export failed", exc_info=exc)
-            message = f"export failed: {type(exc).__name__}: {exc}"
-        self.status.setText(message)
-        show_error(message)
 
 
 def _is(layer: Any, kind: str) -> bool:

@@ -13,8 +13,10 @@ A Labels layer whose CT was read from a DICOM series can also be saved as DICOM-
 :func:`write_labels_dicom_seg`): values 1..32 of layers made by this plugin (``metadata["cdpdnet"]``)
 carry the vocabulary's names and SNOMED codes, other values become generic ``label N`` segments;
 label values listed in ``metadata["edited_labels"]`` are declared SEMIAUTOMATIC. The file is read
-back and compared before it appears (:func:`napari_cdpdnet.export.segmentation.export_dicom_seg`).
-New single-file label-map formats are added in :data:`WRITABLE_SUFFIXES`.
+back and compared before it appears (:func:`napari_cdpdnet.export.export_dicom_seg`: the export
+registry's DICOM-SEG writer and staging). New single-file label-map formats are added in
+:data:`WRITABLE_SUFFIXES`; this writer saves exactly the file napari names (no table beside it),
+the structure table's Export and the CLI write the full set through ``export_segmentation``.
 """
 
 from __future__ import annotations
@@ -116,7 +118,7 @@ def write_labels(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
 
 def write_labels_dicom_seg(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
     """npe2 single-layer writer: a Labels layer on a DICOM series as a verified DICOM-SEG."""
-    from napari_cdpdnet.export.segmentation import export_dicom_seg
+    from napari_cdpdnet.export import export_dicom_seg
 
     if isinstance(data, (list, tuple)):
         data = data[0]

@@ -13,14 +13,14 @@ import pytest
 from napari_cdpdnet import export as export_mod
 from napari_cdpdnet._writer import write_labels_dicom_seg
 from napari_cdpdnet.errors import InputError, OutputExistsError
-from napari_cdpdnet.export.dicomseg import read_dicom_seg
-from napari_cdpdnet.export.measure import label_statistics
-from napari_cdpdnet.export.segmentation import (
+from napari_cdpdnet.export import (
     TISSUE,
     describe_labels,
     export_dicom_seg,
     export_segmentation,
 )
+from napari_cdpdnet.export.dicomseg import read_dicom_seg
+from napari_cdpdnet.export.measure import label_statistics
 from napari_cdpdnet.io.images import read_ct, read_label_map
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,7 +99,7 @@ def test_dicom_seg_references_the_series_and_carries_snomed_codes(dcmqi, tmp_pat
     labels = liver.astype(np.uint8) * 6  # CDPDNet liver
     labels[1, 100:140, 300:330] = 40  # a hand-drawn label that is no CDPDNet structure
     out = tmp_path / "liver.nrrd"
-    written = export_segmentation(labels, ct.geometry, ct.array, out, dicom_seg=True, edited={6})
+    written = export_segmentation(labels, ct.geometry, ct.array, out, formats={"dicom_seg"}, edited={6})
     seg_path = tmp_path / "liver.seg.dcm"
     assert written == [out, tmp_path / "liver.csv", seg_path]
 
@@ -123,7 +123,7 @@ def test_dicom_seg_references_the_series_and_carries_snomed_codes(dcmqi, tmp_pat
 def test_dicom_seg_needs_a_dicom_source_and_writes_nothing_otherwise(totalseg, tmp_path: Path) -> None:
     ct, _, cdp = totalseg
     with pytest.raises(InputError, match="not read from DICOM"):
-        export_segmentation(cdp, ct.geometry, ct.array, tmp_path / "a.nii.gz", dicom_seg=True)
+        export_segmentation(cdp, ct.geometry, ct.array, tmp_path / "a.nii.gz", formats={"dicom_seg"})
     with pytest.raises(InputError, match="not read from DICOM"):
         export_dicom_seg(cdp, ct.geometry, tmp_path / "a.dcm")
     assert list(tmp_path.iterdir()) == []
@@ -150,7 +150,7 @@ def test_nothing_partial_when_a_step_fails(totalseg, tmp_path: Path, monkeypatch
 
     monkeypatch.setattr(meshes, "write_stl", broken)
     with pytest.raises(OSError, match="disk full"):
-        export_segmentation(cdp, ct.geometry, ct.array, tmp_path / "r.nii.gz", meshes=True)
+        export_segmentation(cdp, ct.geometry, ct.array, tmp_path / "r.nii.gz", formats={"stl"})
     assert list(tmp_path.iterdir()) == []  # no label map, no table, no staging folder
 
 
@@ -179,11 +179,71 @@ def test_failed_publish_puts_replaced_files_back(totalseg, tmp_path: Path, monke
 def test_meshes_one_stl_per_structure(dcmqi, tmp_path: Path) -> None:
     ct, liver = dcmqi
     labels = liver.astype(np.uint8) * 6
-    written = export_segmentation(labels, ct.geometry, None, tmp_path / "m.mha", meshes=True)
+    written = export_segmentation(labels, ct.geometry, None, tmp_path / "m.mha", formats={"stl"})
     assert [p.name for p in written] == ["m.mha", "m.csv", "m_liver.stl"]
     data = written[2].read_bytes()
     (n,) = struct.unpack("<I", data[80:84])
     assert n > 100 and len(data) == 84 + 50 * n
+
+
+def test_given_rows_probabilities_and_every_format_at_once(dcmqi, tmp_path: Path) -> None:
+    """What ``cdpdnet segment`` passes: its own table (request order, an absent structure with zero
+    volume) and probability maps; the files listed beforehand are the files written."""
+    import SimpleITK as sitk
+
+    from napari_cdpdnet.export import export_paths
+    from napari_cdpdnet.export.labeltable import build_label_table
+    from napari_cdpdnet.geometry import Geometry
+
+    ct, liver = dcmqi
+    labels = liver.astype(np.uint8) * 6
+    rows = build_label_table(labels, ct.geometry, ct.array, values=[6, 1])  # liver, then spleen (absent)
+    probabilities = {6: liver.astype(np.float32) * 0.9, 1: np.zeros(liver.shape, np.float32)}
+    formats = {"dicom_seg", "stl", "probabilities"}
+    expected = export_paths(tmp_path / "r.nii.gz", ["liver", "spleen"], formats=formats)
+    written = export_segmentation(labels, ct.geometry, ct.array, tmp_path / "r.nii.gz", formats=formats,
+                                  rows=rows, probabilities=probabilities)
+    assert [p.name for p in written] == ["r.nii.gz", "r.csv", "r.seg.dcm", "r_liver.stl",
+                                         "r_liver_prob.nii.gz", "r_spleen_prob.nii.gz"]
+    assert set(written) < set(expected)  # the spleen has no mesh: it is empty
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in written)
+    assert [(r["key"], r["voxel_count"]) for r in _read_csv(written[1])] == [
+        ("liver", str(int(liver.sum()))), ("spleen", "0")]
+    back, segments = read_dicom_seg(written[2], ct.geometry)
+    assert [s.label for s in segments] == ["Liver"]
+    np.testing.assert_array_equal(back == 1, liver == 1)
+    image = sitk.ReadImage(str(written[4]))
+    np.testing.assert_allclose(sitk.GetArrayFromImage(image), probabilities[6])
+    assert Geometry.from_sitk(image).same_grid(ct.geometry)
+
+
+def test_format_requests_are_checked_before_writing(totalseg, tmp_path: Path) -> None:
+    ct, _, cdp = totalseg
+    with pytest.raises(InputError, match="unknown export format png"):
+        export_segmentation(cdp, ct.geometry, None, tmp_path / "r.nii.gz", formats={"png"})
+    with pytest.raises(InputError, match="probability maps"):
+        export_segmentation(cdp, ct.geometry, None, tmp_path / "r.nii.gz", formats={"probabilities"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_new_format_is_one_registry_entry(dcmqi, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recipe of docs/architecture.md: a writer and an entry; export, CLI and GUI follow."""
+    from napari_cdpdnet.cli import build_parser
+    from napari_cdpdnet.export import FORMATS, ExportFormat, optional_formats
+
+    def write_npz(job, path, row) -> None:
+        np.savez_compressed(path, labels=job.labels)
+
+    monkeypatch.setitem(FORMATS, "npz", ExportFormat("npz", "NumPy", "the labels as .npz", "{stem}.npz",
+                                                     write_npz))
+    ct, liver = dcmqi
+    written = export_segmentation(liver, ct.geometry, None, tmp_path / "l.nrrd", formats={"npz"})
+    assert [p.name for p in written] == ["l.nrrd", "l.csv", "l.npz"]
+    np.testing.assert_array_equal(np.load(written[2])["labels"], liver)
+    assert "npz" in {f.name for f in optional_formats(probabilities=False)}  # the table's checkboxes
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for command in ("segment", "segment-by-example"):
+        assert "--npz" in {s for a in sub[command]._actions for s in a.option_strings}
 
 
 def test_bad_inputs_are_refused_before_writing(totalseg, tmp_path: Path) -> None:

@@ -77,9 +77,9 @@ def test_table_shows_measured_rows_of_the_chosen_layers(ct_viewer) -> None:
     assert _column(widget, 4) == [f"{s.hu_mean:.1f}" for s in stats]
     assert _column(widget, 5) == [f"{s.hu_sd:.1f}" for s in stats]
     # the swatch shows the layer's own colour
-    from napari_cdpdnet._table_widget import _hex
+    from napari_cdpdnet._gui.table_export import hex_color
 
-    assert widget.table.item(0, 0).background().color().name() == _hex(labels.get_color(stats[0].value))
+    assert widget.table.item(0, 0).background().color().name() == hex_color(labels.get_color(stats[0].value))
 
     widget.image_combo.setCurrentIndex(0)  # no image: no HU columns
     widget.wait_idle()
@@ -146,7 +146,7 @@ def test_export_nifti_and_table_with_reviewed(ct_viewer, tmp_path: Path) -> None
     widget = _widget(viewer)
     widget.set_reviewed(6)
     assert result.metadata["reviewed_labels"] == [6]
-    written = widget.export_to(tmp_path / "out.nii.gz", dicom_seg=False, meshes=False)
+    written = widget.export_to(tmp_path / "out.nii.gz", formats=())
     assert written == [tmp_path / "out.nii.gz", tmp_path / "out.csv"]
     back, geometry = read_label_map(written[0])
     np.testing.assert_array_equal(back, result.data)
@@ -174,8 +174,11 @@ def test_buttons_use_the_dialogs_and_ask_before_overwriting(ct_viewer, tmp_path:
     widget.csv_button.click()
     assert target.read_text().startswith("value,key,name")
 
+    from napari_cdpdnet.export import optional_formats
+
+    assert list(widget.format_checks) == [f.name for f in optional_formats(probabilities=False)]
     widget.ask_save_path = lambda caption, file_filter: str(tmp_path / "seg.nrrd")
-    widget.stl_check.setChecked(True)
+    widget.format_checks["stl"].setChecked(True)
     widget.export_button.click()
     assert (tmp_path / "seg.nrrd").is_file() and (tmp_path / "seg_label_5.stl").is_file()
 
@@ -187,7 +190,7 @@ def test_errors_become_notifications(ct_viewer, tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(notifications, "show_error", shown.append)
     viewer, image, labels = ct_viewer
     widget = _widget(viewer)
-    assert widget.export_to(tmp_path / "x.nii.gz", dicom_seg=True) is None
+    assert widget.export_to(tmp_path / "x.nii.gz", formats={"dicom_seg"}) is None
     assert len(shown) == 1 and "not read from DICOM" in shown[0] and "Traceback" not in shown[0]
     assert list(tmp_path.iterdir()) == []
     assert widget.export_to(tmp_path / "x.png") is None
@@ -207,7 +210,7 @@ def test_dicom_seg_export_on_the_dcmqi_series(make_napari_viewer, shared_path, t
     layer = viewer.add_labels(labels, name="drawn", metadata={"cdpdnet": {}}, **geometry.napari_transform())
     widget = _widget(viewer)
     assert widget.labels_layer() is layer and widget.image_layer() is image
-    written = widget.export_to(tmp_path / "liver.nii.gz", dicom_seg=True)
+    written = widget.export_to(tmp_path / "liver.nii.gz", formats={"dicom_seg"})
     assert written is not None and written[2] == tmp_path / "liver.seg.dcm"
     back, segments = read_dicom_seg(written[2], geometry)
     from napari_cdpdnet.vocabulary.catalog import structure
@@ -227,7 +230,7 @@ def test_dicom_seg_export_on_the_dcmqi_series(make_napari_viewer, shared_path, t
     assert nrrd.metadata["geometry"].dicom is None
     widget.labels_combo.setCurrentText(nrrd.name)
     assert widget.image_layer() is image
-    written = widget.export_to(tmp_path / "nrrd.nii.gz", dicom_seg=True)
+    written = widget.export_to(tmp_path / "nrrd.nii.gz", formats={"dicom_seg"})
     back, segments = read_dicom_seg(written[2], geometry)
     assert [s.label for s in segments] == ["label 1"] and segments[0].type_code[0] == "85756007"
     np.testing.assert_array_equal(back, liver)

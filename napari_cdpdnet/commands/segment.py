@@ -1,4 +1,9 @@
-"""``cdpdnet segment``: segment one CT or many into label maps with label tables beside them."""
+"""``cdpdnet segment``: segment one CT or many into label maps with label tables beside them.
+
+Files are written only through :func:`napari_cdpdnet.export.export_segmentation`, all or nothing
+per input; the export options (``--dicom-seg``, ``--stl``, ``--probabilities``) are made from
+the format registry by :func:`add_export_options`, which ``segment-by-example`` shares.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ import time
 from pathlib import Path
 
 from napari_cdpdnet.errors import CdpdnetError, InputError
+from napari_cdpdnet.export.formats import FORMATS, optional_formats
+from napari_cdpdnet.geometry import Geometry
 from napari_cdpdnet.inference.settings import DEFAULT_PRESET, PRESETS, preset_help
 
 logger = logging.getLogger(__name__)
@@ -23,7 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Segment structures in CT scans with CDPDNet. Writes a label map on the scan's own "
             "grid (value = structure index 1..32, see 'cdpdnet structures') and a label table "
-            "<name>.csv beside it. CDPDNet always computes the same 32 structures; the names "
+            "<name>.csv beside it, plus the files the export options ask for: all of them or, "
+            "if anything fails, none. CDPDNet always computes the same 32 structures; the names "
             "you give select which are kept (and which task prompt runs), they are not "
             "free-form prompts."
         ),
@@ -31,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog=(
             "examples:\n"
             "  cdpdnet segment ct.nii.gz -s liver -s 'left kidney' -o liver_kidney.nii.gz\n"
-            "  cdpdnet segment dicom_folder/ -s 'liver, spleen' -o out/ --dicom-seg\n"
+            "  cdpdnet segment dicom_folder/ -s 'liver, spleen' -o out/ --dicom-seg --stl\n"
             "  cdpdnet segment a.nii.gz b.nii.gz c.nrrd -s pancreas -o results/ --preset fast\n"
         ),
     )
@@ -60,12 +68,38 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--series-uid", help="DICOM folder with several series: the SeriesInstanceUID to use")
     p.add_argument("--task", type=int, choices=range(11), metavar="ID",
                    help="force one task prompt (0..10) instead of the automatic plan")
-    p.add_argument("--dicom-seg", action="store_true", help="also write a DICOM-SEG (DICOM inputs only)")
-    p.add_argument("--probabilities", action="store_true",
-                   help="also write one probability map per structure (<name>_<key>_prob.nii.gz)")
+    add_export_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
+
+
+def add_export_options(p: argparse.ArgumentParser, *, probabilities: bool = True) -> None:
+    """One ``--<format>`` switch per optional export format (see ``export.formats.FORMATS``)."""
+    for fmt in optional_formats(probabilities=probabilities):
+        p.add_argument(fmt.flag, dest=fmt.name, action="store_true", help=f"also write {fmt.help}")
+
+
+def chosen_formats(args: argparse.Namespace) -> list[str]:
+    """The export formats switched on in ``args``."""
+    return [fmt.name for fmt in optional_formats() if getattr(args, fmt.name, False)]
+
+
+def check_dicom_source(path: Path, geometry: Geometry, formats: list[str]) -> None:
+    """Refuse, before segmenting, a format that needs a DICOM source for a CT read from a file."""
+    needs = [FORMATS[name] for name in formats if FORMATS[name].needs_dicom]
+    if needs and geometry.dicom is None:
+        raise InputError(f"{path}: {needs[0].flag} needs a DICOM series as input")
+
+
+def check_outputs(outputs: list[Path], keys: list[str], formats: list[str], overwrite: bool) -> None:
+    """Refuse existing outputs before any compute (per-structure files: every requested key)."""
+    from napari_cdpdnet.export import export_paths
+    from napari_cdpdnet.fileutil import check_writable
+
+    for out in outputs:
+        for path in export_paths(out, keys, formats=formats):
+            check_writable(path, overwrite=overwrite)
 
 
 def _outputs_for(args: argparse.Namespace) -> list[Path]:
@@ -120,7 +154,6 @@ class _ProgressBar:
 
 
 def run(args: argparse.Namespace) -> int:
-    from napari_cdpdnet.fileutil import check_writable
     from napari_cdpdnet.inference.segmenter import Segmenter
     from napari_cdpdnet.inference.settings import SegmentationSettings
     from napari_cdpdnet.io.images import check_input_path
@@ -129,12 +162,12 @@ def run(args: argparse.Namespace) -> int:
     for inp in args.inputs:
         check_input_path(inp)
     outputs = _outputs_for(args)
-    for out in outputs:
-        check_writable(out, overwrite=args.overwrite)
+    formats = chosen_formats(args)
+    check_outputs(outputs, [], formats, args.overwrite)
     roi = None if args.box is None else (tuple(args.box[:3]), tuple(args.box[3:]))
     settings = SegmentationSettings(
         preset=args.preset, device=args.device, threads=args.threads, autocast=args.autocast,
-        roi=roi, return_probabilities=args.probabilities,
+        roi=roi, return_probabilities=any(FORMATS[name].needs_probabilities for name in formats),
     )
     segmenter = Segmenter(checkpoint=args.checkpoint, dino=args.dino, allow_download=not args.offline)
     structures, resolutions, plan = segmenter.plan(args.structure, force_task=args.task)
@@ -142,12 +175,13 @@ def run(args: argparse.Namespace) -> int:
         if r.method != "exact":
             print(f"'{r.text}' → {r.structure.name} ({r.method}, confidence {r.confidence:.2f})", file=sys.stderr)
     print(plan.describe(), file=sys.stderr)
+    check_outputs(outputs, [s.key for s in structures], formats, args.overwrite)
     segmenter.weights()  # missing weights: one message now, not one per input
 
     failures: list[tuple[Path, CdpdnetError]] = []
     for inp, out in zip(args.inputs, outputs, strict=True):
         try:
-            _segment_one(segmenter, inp, out, structures, settings, args)
+            _segment_one(segmenter, inp, out, structures, settings, formats, args)
         except CdpdnetError as exc:
             if len(args.inputs) == 1 or exc.exit_code == 130:
                 raise
@@ -159,41 +193,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _segment_one(segmenter, inp: Path, out: Path, structures, settings, args) -> None:
-    from napari_cdpdnet.export.labeltable import label_table_path, write_label_table
-    from napari_cdpdnet.io.images import read_ct, write_label_map
+def _segment_one(segmenter, inp: Path, out: Path, structures, settings, formats: list[str], args) -> None:
+    from napari_cdpdnet.export import export_segmentation
+    from napari_cdpdnet.io.images import read_ct
 
     t0 = time.perf_counter()
     ct = read_ct(inp, series_uid=args.series_uid)
     for w in ct.warnings:
         print(f"warning: {inp}: {w}", file=sys.stderr)
-    if args.dicom_seg and ct.geometry.dicom is None:
-        raise InputError(f"{inp}: --dicom-seg needs a DICOM series as input")
+    check_dicom_source(inp, ct.geometry, formats)
     bar = _ProgressBar(not args.no_progress, inp.name)
     try:
         output = segmenter.segment(ct.array, ct.geometry, structures, settings, progress=bar, force_task=args.task)
     finally:
         bar.close()
-    names = {s.index: s.name for s in structures}
-    written = [write_label_map(out, output.labels, ct.geometry, overwrite=args.overwrite, label_names=names)]
-    written.append(write_label_table(label_table_path(out), output.table, overwrite=args.overwrite))
-    if args.dicom_seg:
-        from napari_cdpdnet.export.dicomseg import segment_specs, write_dicom_seg
-
-        seg_path = label_table_path(out).with_suffix(".seg.dcm")
-        written.append(
-            write_dicom_seg(seg_path, output.labels, ct.geometry, segment_specs(s.index for s in structures),
-                            overwrite=args.overwrite)
-        )
-    if args.probabilities and output.result.probabilities:
-        from napari_cdpdnet.io.images import write_image
-
-        stem = label_table_path(out).with_suffix("").name
-        for s in structures:
-            prob = output.result.probabilities.get(s.index)
-            if prob is not None:
-                written.append(write_image(out.with_name(f"{stem}_{s.key}_prob.nii.gz"), prob, ct.geometry,
-                                           overwrite=args.overwrite))
+    written = export_segmentation(
+        output.labels, ct.geometry, ct.array, out, formats=formats, rows=output.table,
+        probabilities=output.result.probabilities, overwrite=args.overwrite,
+    )
     for note in output.notes:
         print(f"note: {inp}: {note}", file=sys.stderr)
     r = output.result

@@ -1,4 +1,9 @@
-"""``cdpdnet segment-by-example``: mark a box, click or scribble; get the structure it points at."""
+"""``cdpdnet segment-by-example``: mark a box, click or scribble; get the structure it points at.
+
+Writes through :func:`napari_cdpdnet.export.export_segmentation` like ``cdpdnet segment``, with
+the same export options except ``--probabilities`` (the final run keeps no probability maps; the
+ranking's maps cover only a crop around the ROI).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from napari_cdpdnet.commands.segment import add_export_options
 from napari_cdpdnet.errors import InputError
 from napari_cdpdnet.inference.settings import DEFAULT_PRESET, PRESETS, preset_help
 
@@ -50,6 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dino", type=Path, help="DINOv2-base weights file or folder")
     p.add_argument("--offline", action="store_true", help="never download weights")
     p.add_argument("--series-uid", help="DICOM folder with several series: the SeriesInstanceUID to use")
+    add_export_options(p, probabilities=False)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -78,24 +85,26 @@ def _roi(args: argparse.Namespace, ct) -> object:
 
 
 def run(args: argparse.Namespace) -> int:
-    from napari_cdpdnet.commands.segment import _ProgressBar
-    from napari_cdpdnet.example.run import DEFAULT_CONTEXT_MM, segment_by_example
-    from napari_cdpdnet.export.labeltable import (
-        build_label_table,
-        label_table_path,
-        write_label_table,
+    from napari_cdpdnet.commands.segment import (
+        _ProgressBar,
+        check_dicom_source,
+        check_outputs,
+        chosen_formats,
     )
-    from napari_cdpdnet.fileutil import check_writable, full_suffix
+    from napari_cdpdnet.example.run import DEFAULT_CONTEXT_MM, segment_by_example
+    from napari_cdpdnet.export import export_segmentation
+    from napari_cdpdnet.export.labeltable import build_label_table
+    from napari_cdpdnet.fileutil import full_suffix
     from napari_cdpdnet.inference.segmenter import Segmenter
     from napari_cdpdnet.inference.settings import SegmentationSettings
-    from napari_cdpdnet.io.images import LABEL_MAP_SUFFIXES, read_ct, write_label_map
+    from napari_cdpdnet.io.images import LABEL_MAP_SUFFIXES, read_ct
 
     if not args.input.exists():
         raise InputError(f"{args.input}: no such file or folder")
     if full_suffix(args.output) not in LABEL_MAP_SUFFIXES:
         raise InputError(f"-o {args.output}: give a label map file ({', '.join(LABEL_MAP_SUFFIXES)})")
-    check_writable(args.output, overwrite=args.overwrite)
-    check_writable(label_table_path(args.output), overwrite=args.overwrite)
+    formats = chosen_formats(args)
+    check_outputs([args.output], [], formats, args.overwrite)  # per-structure files: once it is known
     mapper = None
     if args.mapper is not None:
         from napari_cdpdnet.example.mapper import RoiMapper
@@ -104,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
     ct = read_ct(args.input, series_uid=args.series_uid)
     for w in ct.warnings:
         print(f"warning: {args.input}: {w}", file=sys.stderr)
+    check_dicom_source(args.input, ct.geometry, formats)
     roi = _roi(args, ct)
     print(f"ROI: {roi.describe()}", file=sys.stderr)
     settings = SegmentationSettings(preset=args.preset, device=args.device, threads=args.threads)
@@ -124,9 +134,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     s = res.structure
     labels = res.mask.astype("uint8") * s.index
-    write_label_map(args.output, labels, ct.geometry, overwrite=args.overwrite, label_names={s.index: s.name})
     table = build_label_table(labels, ct.geometry, ct.array, values=[s.index])
-    table_path = write_label_table(label_table_path(args.output), table, overwrite=args.overwrite)
+    written = export_segmentation(labels, ct.geometry, ct.array, args.output, formats=formats, rows=table,
+                                  overwrite=args.overwrite)
     print(f"{args.input} → {args.output}: {s.name} {table[0].volume_ml:.1f} mL "
-          f"({res.seconds:.1f} s); also wrote {table_path}")
+          f"({res.seconds:.1f} s); also wrote {', '.join(str(w) for w in written[1:])}")
     return 0

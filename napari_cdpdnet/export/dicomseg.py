@@ -4,6 +4,12 @@ The segmentation is written as a BINARY DICOM Segmentation that references the s
 (study, series, frame of reference and every SOP instance), with one segment per label value and
 the SNOMED-CT codes of the structure. Frames are positioned from the label map's own geometry
 (a highdicom ``Volume``), so a label map on a resampled grid is still placed correctly.
+
+Exports write through :func:`write_verified_dicom_seg`, which reads the file back and compares it
+voxel by voxel before it may appear. Label-table rows become segment descriptions with
+:func:`dicom_seg_specs`: CDPDNet structures carry the vocabulary's SNOMED-CT codes; plain labels
+(from another tool, or drawn by hand) are coded as the generic SNOMED "Tissue" with algorithm type
+MANUAL, because nothing more is known about them.
 """
 
 from __future__ import annotations
@@ -13,14 +19,28 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from napari_cdpdnet import __version__
-from napari_cdpdnet.errors import InputError
+from napari_cdpdnet.errors import CdpdnetError, InputError
 from napari_cdpdnet.geometry import Geometry
 
-__all__ = ["SegmentSpec", "ReadSegment", "segment_specs", "write_dicom_seg", "read_dicom_seg", "Code3"]
+if TYPE_CHECKING:  # pragma: no cover
+    from napari_cdpdnet.export.labeltable import LabelRow
+
+__all__ = [
+    "TISSUE",
+    "SegmentSpec",
+    "ReadSegment",
+    "segment_specs",
+    "dicom_seg_specs",
+    "write_dicom_seg",
+    "write_verified_dicom_seg",
+    "read_dicom_seg",
+    "Code3",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +48,9 @@ logger = logging.getLogger(__name__)
 Code3 = tuple[str, str, str]
 
 _ANATOMICAL_STRUCTURE: Code3 = ("123037004", "SCT", "Anatomical Structure")
+
+#: SNOMED-CT "Tissue", the generic category/type for labels that are not CDPDNet structures.
+TISSUE: Code3 = ("85756007", "SCT", "Tissue")
 
 
 @dataclass(frozen=True)
@@ -66,6 +89,34 @@ def segment_specs(indices: Iterable[int], *, edited: Iterable[int] = ()) -> list
             )
         )
     return out
+
+
+def _hex_rgb(color: str) -> tuple[int, int, int] | None:
+    text = color.lstrip("#")
+    if len(text) < 6:
+        return None
+    try:
+        return tuple(int(text[i : i + 2], 16) for i in (0, 2, 4))  # type: ignore[return-value]
+    except ValueError:
+        return None
+
+
+def dicom_seg_specs(rows: Sequence[LabelRow], *, edited: Iterable[int] = ()) -> list[SegmentSpec]:
+    """Segment descriptions for label-table rows: vocabulary codes for structures, the generic
+    ``Tissue`` code (algorithm type MANUAL) for plain labels."""
+    edited = {int(v) for v in edited}
+    specs = []
+    for row in rows:
+        if row.snomed_type:  # a vocabulary structure
+            specs.extend(segment_specs([row.value], edited=edited))
+        else:
+            specs.append(
+                SegmentSpec(
+                    value=row.value, label=row.name, type_code=TISSUE, category_code=TISSUE,
+                    color=_hex_rgb(row.color), algorithm_type="MANUAL",
+                )
+            )
+    return specs
 
 
 def _code(c: Code3):
@@ -178,6 +229,35 @@ def write_dicom_seg(
         seg.save_as(tmp)
     logger.info("wrote DICOM-SEG with %d segments to %s", len(kept), path)
     return Path(path)
+
+
+def write_verified_dicom_seg(path: str | Path, labels: np.ndarray, geometry: Geometry,
+                             specs: Sequence[SegmentSpec]) -> Path:
+    """Write the DICOM-SEG and read it back: each segment must hold exactly its label's voxels.
+
+    Meant for a staged path (see :func:`napari_cdpdnet.export.export_segmentation`): on a
+    mismatch the file is left where it is and :class:`CdpdnetError` says nothing was exported.
+    """
+    labels = np.asarray(labels)
+    path = write_dicom_seg(path, labels, geometry, specs)
+    back, segments = read_dicom_seg(path, geometry)
+    kept = [s for s in specs if (labels == s.value).any()]
+    if len(segments) != len(kept):
+        raise CdpdnetError(
+            f"DICOM-SEG check failed: {len(segments)} segments read back, {len(kept)} written; "
+            "nothing was exported (please report this)"
+        )
+    expected = np.zeros(labels.shape, np.uint8)
+    for number, spec in enumerate(kept, start=1):
+        expected[labels == spec.value] = number
+    if not np.array_equal(back, expected):
+        wrong = int(np.count_nonzero(back != expected))
+        raise CdpdnetError(
+            f"DICOM-SEG check failed: {wrong} voxels differ after reading it back; nothing was "
+            "exported (please report this)"
+        )
+    logger.info("DICOM-SEG %s read back identical (%d segments)", path.name, len(kept))
+    return path
 
 
 def _build_segmentation(hd, sources, volume, descriptions, series_number, series_description,

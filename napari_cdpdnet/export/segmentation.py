@@ -1,17 +1,17 @@
-"""Export a (possibly hand-corrected) segmentation: label map + label table, DICOM-SEG, STL meshes.
+"""Export a (possibly hand-corrected) segmentation: the one way a segmentation reaches disk.
 
-One call writes everything a user asked for, or nothing: every file is first written into a
-hidden staging folder beside the destination, the DICOM-SEG is read back and compared voxel by
-voxel with the label map, and only then are the files moved onto their names. Existing files are
-refused unless ``overwrite`` is given; when they are replaced and a later move fails, the old
-files are put back.
+:func:`export_segmentation` writes the label map and its label table plus the optional formats of
+:data:`~napari_cdpdnet.export.formats.FORMATS` (DICOM-SEG, STL meshes, probability maps) that a
+caller asks for, all or nothing: every file is first written into a hidden staging folder beside
+the destination (the DICOM-SEG is read back and compared voxel by voxel with the label map there),
+and only then are the files moved onto their names. Existing files are refused unless
+``overwrite`` is given; when they are replaced and a later move fails, the old files are put back.
 
 Label values are CDPDNet structure indices (1..32) for layers this plugin made; labels from
-elsewhere (a TotalSegmentator map, a hand-drawn layer) are "plain" labels named ``label N``. In
-DICOM-SEG the structures carry the vocabulary's SNOMED-CT codes; plain labels are coded as the
-generic SNOMED "Tissue" with algorithm type MANUAL, because nothing more is known about them.
+elsewhere (a TotalSegmentator map, a hand-drawn layer) are "plain" labels named ``label N``.
 
-Used by the structure-table widget and the napari DICOM-SEG writer; no napari or Qt here.
+Used by ``cdpdnet segment``, ``cdpdnet segment-by-example``, the structure-table widget and the
+napari DICOM-SEG writer; no napari or Qt here.
 """
 
 from __future__ import annotations
@@ -27,17 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_cdpdnet.errors import CdpdnetError, InputError
-from napari_cdpdnet.export.labeltable import (
-    LabelRow,
-    label_table_path,
-    plain_label_row,
-    structure_row,
-)
+from napari_cdpdnet.errors import InputError
+from napari_cdpdnet.export.formats import FORMATS, ExportJob, resolve_formats
+from napari_cdpdnet.export.labeltable import LabelRow, plain_label_row, structure_row
 from napari_cdpdnet.geometry import Geometry
 
 __all__ = [
-    "TISSUE",
     "describe_labels",
     "is_structure_value",
     "export_paths",
@@ -45,14 +40,10 @@ __all__ = [
     "present_values",
     "export_segmentation",
     "export_dicom_seg",
-    "dicom_seg_specs",
     "with_reviewed",
 ]
 
 logger = logging.getLogger(__name__)
-
-#: SNOMED-CT "Tissue", the generic category/type for labels that are not CDPDNet structures.
-TISSUE = ("85756007", "SCT", "Tissue")
 
 _N_STRUCTURES = 32
 
@@ -127,36 +118,6 @@ def describe_labels(
     return rows
 
 
-def _hex_rgb(color: str) -> tuple[int, int, int] | None:
-    text = color.lstrip("#")
-    if len(text) < 6:
-        return None
-    try:
-        return tuple(int(text[i : i + 2], 16) for i in (0, 2, 4))  # type: ignore[return-value]
-    except ValueError:
-        return None
-
-
-def dicom_seg_specs(rows: Sequence[LabelRow], *, edited: Iterable[int] = ()) -> list:
-    """DICOM-SEG segment descriptions for table rows: vocabulary codes for structures, the
-    generic ``Tissue`` code (algorithm type MANUAL) for plain labels."""
-    from napari_cdpdnet.export.dicomseg import SegmentSpec, segment_specs
-
-    edited = {int(v) for v in edited}
-    specs = []
-    for row in rows:
-        if row.snomed_type:  # a vocabulary structure
-            specs.extend(segment_specs([row.value], edited=edited))
-        else:
-            specs.append(
-                SegmentSpec(
-                    value=row.value, label=row.name, type_code=TISSUE, category_code=TISSUE,
-                    color=_hex_rgb(row.color), algorithm_type="MANUAL",
-                )
-            )
-    return specs
-
-
 def label_key(value: int, *, cdpdnet: bool = True) -> str:
     """The key naming a label's files: the structure key (``left_kidney``) or ``label_N``."""
     if cdpdnet and is_structure_value(value):
@@ -176,12 +137,15 @@ def present_values(labels: np.ndarray) -> list[int]:
     return [int(v) for v in np.flatnonzero(np.bincount(flat.astype(np.intp, copy=False))) if v]
 
 
-def export_paths(out_path: str | os.PathLike[str], keys: Sequence[str] = (), *, dicom_seg: bool = False,
-                 meshes: bool = False) -> list[Path]:
+def export_paths(out_path: str | os.PathLike[str], keys: Sequence[str] = (), *,
+                 formats: Iterable[str] = ()) -> list[Path]:
     """The files :func:`export_segmentation` would write, in order (for asking before overwriting).
 
-    ``liver.nii.gz`` → ``liver.nii.gz``, ``liver.csv``, ``liver.seg.dcm``, ``liver_<key>.stl``
-    for each of ``keys`` (see :func:`label_key`).
+    ``liver.nii.gz`` → ``liver.nii.gz``, ``liver.csv``, then per chosen format e.g.
+    ``liver.seg.dcm``, ``liver_<key>.stl`` for each of ``keys`` (see :func:`label_key`).
+
+    Raises:
+        InputError: ``out_path`` is not a label-map file name, or an unknown format.
     """
     from napari_cdpdnet.fileutil import full_suffix
     from napari_cdpdnet.io.images import LABEL_MAP_SUFFIXES
@@ -193,14 +157,7 @@ def export_paths(out_path: str | os.PathLike[str], keys: Sequence[str] = (), *, 
             f"{out}: cannot write a label map as {suffix or '(no suffix)'!r}; use one of "
             f"{', '.join(LABEL_MAP_SUFFIXES)} (DICOM-SEG is written beside it)"
         )
-    table = label_table_path(out)
-    paths = [out, table]
-    if dicom_seg:
-        paths.append(table.with_suffix(".seg.dcm"))
-    if meshes:
-        stem = table.with_suffix("").name
-        paths.extend(out.with_name(f"{stem}_{key}.stl") for key in keys)
-    return paths
+    return [path for fmt in resolve_formats(formats) for path in fmt.paths(out, keys)]
 
 
 class _Staging:
@@ -264,30 +221,6 @@ def _staging(folder: Path) -> Iterator[_Staging]:
         stage.close()
 
 
-def _write_checked_seg(path: Path, labels: np.ndarray, geometry: Geometry, specs: Sequence) -> None:
-    """Write the DICOM-SEG and read it back: each segment must hold exactly its label's voxels."""
-    from napari_cdpdnet.export.dicomseg import read_dicom_seg, write_dicom_seg
-
-    write_dicom_seg(path, labels, geometry, specs)
-    back, segments = read_dicom_seg(path, geometry)
-    kept = [s for s in specs if (labels == s.value).any()]
-    if len(segments) != len(kept):
-        raise CdpdnetError(
-            f"DICOM-SEG check failed: {len(segments)} segments read back, {len(kept)} written; "
-            "nothing was exported (please report this)"
-        )
-    expected = np.zeros(labels.shape, np.uint8)
-    for number, spec in enumerate(kept, start=1):
-        expected[labels == spec.value] = number
-    if not np.array_equal(back, expected):
-        wrong = int(np.count_nonzero(back != expected))
-        raise CdpdnetError(
-            f"DICOM-SEG check failed: {wrong} voxels differ after reading it back; nothing was "
-            "exported (please report this)"
-        )
-    logger.info("DICOM-SEG %s read back identical (%d segments)", path.name, len(kept))
-
-
 def _need_dicom(geometry: Geometry) -> None:
     if geometry.dicom is None:
         raise InputError(
@@ -303,8 +236,9 @@ def export_segmentation(
     image: np.ndarray | None,
     out_path: str | os.PathLike[str],
     *,
-    dicom_seg: bool = False,
-    meshes: bool = False,
+    formats: Iterable[str] = (),
+    rows: Sequence[LabelRow] | None = None,
+    probabilities: Mapping[int, np.ndarray] | None = None,
     cdpdnet: bool = True,
     reviewed: Iterable[int] = (),
     edited: Iterable[int] = (),
@@ -313,68 +247,61 @@ def export_segmentation(
     smoothing_sigma: float = 0.0,
     overwrite: bool = False,
 ) -> list[Path]:
-    """Write the label map on ``geometry`` plus its label table, and optionally DICOM-SEG and STL.
+    """Write the label map on ``geometry`` plus its label table and the chosen ``formats``.
 
     Args:
         labels: ``[z, y, x]`` label map on ``geometry``.
         geometry: the source CT's grid; must carry DICOM references for ``dicom_seg``.
         image: CT in HU on the same grid for the HU columns of the table, or None.
         out_path: the label map file (``.nii.gz``, ``.nrrd``, ``.seg.nrrd``, ``.mha``, ...);
-            the table goes beside it as ``<name>.csv``, the DICOM-SEG as ``<name>.seg.dcm``
-            and meshes as ``<name>_<structure key>.stl`` (see :func:`export_paths`).
-        dicom_seg: also write a DICOM-SEG referencing the source series, verified by reading it
-            back.
-        meshes: also write one STL surface (LPS mm) per non-empty label.
+            the other files go beside it (``<name>.csv``, ``<name>.seg.dcm``,
+            ``<name>_<key>.stl``, ...; see :func:`export_paths`).
+        formats: names of optional formats of :data:`~napari_cdpdnet.export.formats.FORMATS`:
+            ``dicom_seg`` (verified by reading it back), ``stl`` (one mesh per non-empty label),
+            ``probabilities`` (one map per structure in ``probabilities``).
+        rows: the label table when the caller has measured it already (``cdpdnet segment``
+            lists the requested structures in request order, absent ones with zero volume);
+            default: measured here with :func:`describe_labels`.
+        probabilities: structure index → probability map on ``geometry``, for ``probabilities``.
         cdpdnet, reviewed, edited, colors, names: as in :func:`describe_labels`.
         smoothing_sigma: mesh smoothing in voxels (0: exact voxel boundary).
         overwrite: replace existing files; otherwise any existing output refuses the export
             before anything is computed.
 
     Returns:
-        The written paths, label map first.
+        The written paths, label map first, in :data:`FORMATS` order.
 
     Raises:
-        InputError: bad shapes or suffix, DICOM-SEG without DICOM references, nothing to put
-            in a DICOM-SEG.
+        InputError: bad shapes, suffix or format name, a format's source missing (DICOM-SEG
+            without DICOM references, probability maps not given), nothing to put in a DICOM-SEG.
         OutputExistsError: an output exists and ``overwrite`` is false.
     """
     from napari_cdpdnet.fileutil import check_writable
-    from napari_cdpdnet.io.images import write_label_map
 
     labels = _check_shapes(labels, geometry, image)
-    if dicom_seg:
-        _need_dicom(geometry)
+    chosen = resolve_formats(formats)
+    for fmt in chosen:
+        if fmt.needs_dicom:
+            _need_dicom(geometry)
+        if fmt.needs_probabilities and not probabilities:
+            raise InputError(f"{fmt.title} need the probability maps of a segmentation run; none were given")
     out = Path(out_path).expanduser()
-    export_paths(out, dicom_seg=dicom_seg)  # suffix check before measuring anything
-    rows = describe_labels(labels, geometry, image, cdpdnet=cdpdnet, reviewed=reviewed, edited=edited,
-                           colors=colors, names=names)
-    keys = [row.key for row in rows if row.voxel_count]
-    paths = export_paths(out, keys, dicom_seg=dicom_seg, meshes=meshes)
-    for p in paths:
-        check_writable(p, overwrite=overwrite)
-    if dicom_seg and not rows:
-        raise InputError("nothing to put in a DICOM-SEG: the label map is empty")
+    export_paths(out)  # suffix check before measuring anything
+    if rows is None:
+        rows = describe_labels(labels, geometry, image, cdpdnet=cdpdnet, reviewed=reviewed, edited=edited,
+                               colors=colors, names=names)
+    job = ExportJob(labels, geometry, tuple(rows), frozenset(int(v) for v in edited), probabilities or {},
+                    smoothing_sigma)
+    targets = [(fmt, path, row) for fmt in chosen for path, row in fmt.targets(job, out)]
+    for _, path, _ in targets:
+        check_writable(path, overwrite=overwrite)
 
     with _staging(out.parent) as stage:
-        from napari_cdpdnet.export.labeltable import write_label_table
-
-        label_names = {row.value: row.name for row in rows}
-        write_label_map(stage.path(paths[0]), labels, geometry, label_names=label_names)
-        write_label_table(stage.path(paths[1]), rows)
-        rest = iter(paths[2:])
-        if dicom_seg:
-            _write_checked_seg(stage.path(next(rest)), labels, geometry, dicom_seg_specs(rows, edited=edited))
-        if meshes:
-            from napari_cdpdnet.export.meshes import label_mesh, write_stl
-
-            for row in rows:
-                if not row.voxel_count:
-                    continue
-                verts, faces = label_mesh(labels, row.value, geometry, smoothing_sigma=smoothing_sigma)
-                write_stl(stage.path(next(rest)), verts, faces, name=row.name)
+        for fmt, path, row in targets:
+            fmt.write(job, stage.path(path), row)
         stage.publish(overwrite)
-    logger.info("exported %s (%d files)", out, len(paths))
-    return paths
+    logger.info("exported %s (%d files)", out, len(targets))
+    return [path for _, path, _ in targets]
 
 
 def export_dicom_seg(
@@ -390,6 +317,8 @@ def export_dicom_seg(
 ) -> Path:
     """Write only a DICOM-SEG (verified by reading it back), e.g. from napari's Save dialog.
 
+    The same writer and staging as :func:`export_segmentation`, at a path of the caller's.
+
     Raises:
         InputError: no DICOM references, empty label map, bad shape.
         OutputExistsError: ``out_path`` exists and ``overwrite`` is false.
@@ -400,10 +329,9 @@ def export_dicom_seg(
     _need_dicom(geometry)
     out = check_writable(Path(out_path).expanduser(), overwrite=overwrite)
     rows = describe_labels(labels, geometry, cdpdnet=cdpdnet, edited=edited, colors=colors, names=names)
-    if not rows:
-        raise InputError("nothing to put in a DICOM-SEG: the label map is empty")
+    job = ExportJob(labels, geometry, tuple(rows), frozenset(int(v) for v in edited))
     with _staging(out.parent) as stage:
-        _write_checked_seg(stage.path(out), labels, geometry, dicom_seg_specs(rows, edited=edited))
+        FORMATS["dicom_seg"].write(job, stage.path(out), None)
         stage.publish(overwrite)
     return out
 
