@@ -126,6 +126,22 @@ def test_pick_component_takes_the_most_probable_structure_and_its_connected_regi
     assert _layers.pick_component(_layers.ProbabilityCache.from_probabilities(g, {LIVER: half}, ""), (0, 0, 0)) is None
 
 
+def test_a_pick_fills_background_only_as_one_undoable_edit() -> None:
+    from napari.layers import Labels
+
+    data = np.zeros((2, 4, 4), np.uint8)
+    data[0, 0, :2] = SPLEEN
+    layer = Labels(data, metadata={"cdpdnet": {"run": 1, "structures": ["spleen"]}})
+    region = np.zeros(data.shape, bool)
+    region[0, :2, :] = True  # 8 voxels, 2 of them spleen
+    assert _layers.add_picked_region(layer, LIVER, region) == 6
+    assert np.all(layer.data[0, 0, :2] == SPLEEN) and np.all(layer.data[0, 1] == LIVER)
+    assert layer.selected_label == LIVER
+    assert layer.metadata["cdpdnet"]["structures"] == ["spleen", "liver"]
+    layer.undo()
+    assert not np.any(layer.data == LIVER)
+
+
 def test_box_on_voxels_becomes_an_lps_roi_and_flat_axes_span_the_image() -> None:
     g = _rotated_geometry((6, 7, 8))
     # a rectangle on slice z=2 from (y, x) = (1, 2) to (4, 6): flat in z

@@ -8,9 +8,8 @@ written once:
   the layer list down (:func:`by_precedence`), and of a Shapes layer its **last** rectangle or
   path;
 * clicks on the canvas (:class:`ClickTool`), and world → voxel conversion of clicks and of
-  shape vertices (a 2-D Shapes layer lacks the leading
-  axes: they span the image for a box that limits a run, and take the displayed slice for a
-  mark);
+  shape vertices (a 2-D Shapes layer lacks the leading axes: they span the image for a box
+  that limits a run, and take the displayed slice for a mark);
 * voxel points → the LPS-mm box of ``SegmentationSettings.roi`` ("Limit to box"), and → the
   segment-by-example :class:`~napari_cdpdnet.example.ranking.ROI` (click, rectangle, scribble).
 

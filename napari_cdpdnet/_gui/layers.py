@@ -332,9 +332,9 @@ def add_picked_region(layer: Labels, index: int, region: np.ndarray) -> int:
     """Write a picked structure's region into a result layer; returns the voxels written.
 
     Like a merge, only background voxels and voxels already holding the structure are written,
-    so a pick never overwrites another structure or a correction. The write is one undoable edit
-    (like a brush stroke); the structure becomes the layer's selected label and joins its
-    metadata's structures.
+    so a pick never overwrites another structure. The write is one undoable edit (like a brush
+    stroke); the structure becomes the layer's selected label and joins its metadata's
+    structures.
     """
     data = np.asarray(layer.data)
     coords = np.nonzero(region & ((data == 0) | (data == index)))
