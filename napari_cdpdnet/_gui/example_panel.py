@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from magicgui.widgets import Container, FileEdit
+from magicgui.widgets import FileEdit
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QGroupBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout
 
@@ -87,7 +87,7 @@ class ExamplePanel(QGroupBox):
             row.addWidget(button)
         layout.addLayout(row)
 
-        self.mapper = FileEdit(mode="r", label="Mapper:", filter="Mapper weights (*.pt *.pth);;All files (*)")
+        self.mapper = FileEdit(mode="r", filter="Mapper weights (*.pt *.pth);;All files (*)")
         self.mapper.choose_btn.text = "Mapper..."
         self.mapper_edit = self.mapper.line_edit.native
         self.mapper_edit.setPlaceholderText("no mapper: probability dominance (official checkpoint)")
@@ -96,9 +96,10 @@ class ExamplePanel(QGroupBox):
             "Learned ROI prompt mapper weights (cdpdnet train-roi-prompts). Empty: the structure "
             "whose probability dominates inside the mark, from the CDPDNet checkpoint alone."
         )
-        form = Container(widgets=[self.mapper], labels=True)
-        form.margins = (0, 0, 0, 0)
-        layout.addWidget(form.native)
+        mapper_row = QHBoxLayout()
+        mapper_row.addWidget(QLabel("Mapper:"))
+        mapper_row.addWidget(self.mapper.native, 1)
+        layout.addLayout(mapper_row)
 
         self.example_label = QLabel("")
         self.example_label.setWordWrap(True)

@@ -5,9 +5,10 @@ dock's :class:`~napari_cdpdnet._gui.worker.Jobs`, and place the result (a new la
 into an earlier result that never touches the user's edits). The progress bar and the status
 line below Run are shared: segment by example and weight downloads report there too.
 
-The options form is a magicgui :class:`~magicgui.widgets.Container` (napari's convention for
-plugin forms); its Qt widgets stay reachable as ``device_combo``, ``preset_combo``,
-``merge_combo`` and ``box_check`` for tests and scripts.
+The options are magicgui value widgets (napari's convention for plugin forms): "Results to"
+reads its choices from the viewer whenever they are reset, keeping the user's choice. Their Qt
+widgets stay reachable as ``device_combo``, ``preset_combo``, ``merge_combo`` and ``box_check``
+for tests and scripts.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container
+from magicgui.widgets import CheckBox, ComboBox
 from qtpy.QtWidgets import (
     QComboBox,
     QFormLayout,
@@ -122,29 +123,26 @@ class RunPanel(QWidget):
         self.request = RequestBox()
         layout.addWidget(self.request)
 
-        # Filled after construction: magicgui aligns the labels of widgets added to a built
-        # Container, not of those passed to its constructor.
-        self.options = Container(labels=True)
-        self.options.extend(
-            [
-                ComboBox(name="device", label="Device:", choices=available_devices()),
-                ComboBox(name="preset", label="Preset:", choices=list(PRESETS), tooltip=preset_help()),
-                ComboBox(
-                    name="merge",
-                    label="Results to:",
-                    choices=self._merge_choices,
-                    tooltip="Where results go. A new layer by default; merging into an earlier result "
-                    "only fills background voxels and never changes voxels you edited.",
-                ),
-                CheckBox(name="box", text="Limit to box (last rectangle on a Shapes layer)"),
-            ]
+        # magicgui value widgets in a Qt form: QFormLayout sizes the labels in napari's font
+        # (a magicgui Container measures them in the application's, and misaligns the rows).
+        self.device = ComboBox(choices=available_devices())
+        self.preset = ComboBox(choices=list(PRESETS), tooltip=preset_help())
+        self.merge = ComboBox(
+            choices=self._merge_choices,
+            tooltip="Where results go. A new layer by default; merging into an earlier result only "
+            "fills background voxels and never changes voxels you edited.",
         )
-        self.options.margins = (0, 0, 0, 0)
-        layout.addWidget(self.options.native)
-        self.device_combo = self.options.device.native
-        self.preset_combo = self.options.preset.native
-        self.merge_combo = self.options.merge.native
-        self.box_check = self.options.box.native
+        self.box = CheckBox(text="Limit to box (last rectangle on a Shapes layer)")
+        options = QFormLayout()
+        options.addRow("Device:", self.device.native)
+        options.addRow("Preset:", self.preset.native)
+        options.addRow("Results to:", self.merge.native)
+        layout.addLayout(options)
+        layout.addWidget(self.box.native)
+        self.device_combo = self.device.native
+        self.preset_combo = self.preset.native
+        self.merge_combo = self.merge.native
+        self.box_check = self.box.native
 
         # Run, progress and status right under the request: visible without scrolling.
         row = QHBoxLayout()
@@ -187,7 +185,7 @@ class RunPanel(QWidget):
 
     def refresh_merge_targets(self) -> None:
         """Offer the chosen image's earlier results as merge targets (the choice is kept)."""
-        self.options.merge.reset_choices()
+        self.merge.reset_choices()
 
     def _merge_choices(self, _widget: Any = None) -> list[str]:
         """"Results to": a new layer, or one of the chosen image's earlier results."""
@@ -218,18 +216,18 @@ class RunPanel(QWidget):
         Raises:
             InputError: the device is not usable here.
         """
-        settings = SegmentationSettings(preset=self.options.preset.value, device=self.options.device.value)
+        settings = SegmentationSettings(preset=self.preset.value, device=self.device.value)
         resolve_device(settings.device)
         return settings
 
     def settings(self, image: Any, n_structures: int = 1) -> SegmentationSettings:
         """Settings from the controls; probabilities are kept for point and click when they fit
         in :data:`PROBABILITY_BUDGET`."""
-        roi = layer_input.limit_box(self._dock.viewer, image) if self.options.box.value else None
+        roi = layer_input.limit_box(self._dock.viewer, image) if self.box.value else None
         voxels = int(np.prod(image.metadata["geometry"].shape))
         return SegmentationSettings(
-            preset=self.options.preset.value,
-            device=self.options.device.value,
+            preset=self.preset.value,
+            device=self.device.value,
             roi=roi,
             return_probabilities=voxels * 4 * max(1, n_structures) <= PROBABILITY_BUDGET,
         )
@@ -249,7 +247,7 @@ class RunPanel(QWidget):
             structures = self.request.resolve()
             settings = self.settings(image, len(structures))
             resolve_device(settings.device)
-            merge = self.options.merge.value
+            merge = self.merge.value
             merge_into = None if merge in (None, "", NEW_LAYER) else merge
         except CdpdnetError as exc:
             self.refuse(exc)
