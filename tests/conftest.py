@@ -85,7 +85,7 @@ def segmenter(weights):
 @pytest.fixture
 def notes(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
     """What the segmentation widget showed as napari notifications, by kind."""
-    import napari_cdpdnet._widget as w
+    import napari_cdpdnet._gui.notify as w
 
     seen: dict[str, list[str]] = {"error": [], "warning": [], "info": []}
     for kind in seen:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from gui_support import add_segmentation_dock
 
+from napari_cdpdnet._gui import layer_input
 from napari_cdpdnet._gui import layers as _layers
 from napari_cdpdnet.errors import InputError
 from napari_cdpdnet.geometry import Geometry
@@ -125,19 +126,35 @@ def test_pick_component_takes_the_most_probable_structure_and_its_connected_regi
     assert _layers.pick_component(_layers.ProbabilityCache.from_probabilities(g, {LIVER: half}, ""), (0, 0, 0)) is None
 
 
+def test_a_pick_fills_background_only_as_one_undoable_edit() -> None:
+    from napari.layers import Labels
+
+    data = np.zeros((2, 4, 4), np.uint8)
+    data[0, 0, :2] = SPLEEN
+    layer = Labels(data, metadata={"cdpdnet": {"run": 1, "structures": ["spleen"]}})
+    region = np.zeros(data.shape, bool)
+    region[0, :2, :] = True  # 8 voxels, 2 of them spleen
+    assert _layers.add_picked_region(layer, LIVER, region) == 6
+    assert np.all(layer.data[0, 0, :2] == SPLEEN) and np.all(layer.data[0, 1] == LIVER)
+    assert layer.selected_label == LIVER
+    assert layer.metadata["cdpdnet"]["structures"] == ["spleen", "liver"]
+    layer.undo()
+    assert not np.any(layer.data == LIVER)
+
+
 def test_box_on_voxels_becomes_an_lps_roi_and_flat_axes_span_the_image() -> None:
     g = _rotated_geometry((6, 7, 8))
     # a rectangle on slice z=2 from (y, x) = (1, 2) to (4, 6): flat in z
     pts = np.array([[2, 1, 2], [2, 1, 6], [2, 4, 6], [2, 4, 2]], float)
-    lo, hi = _layers.roi_from_index_points(pts, g)
+    lo, hi = layer_input.roi_from_index_points(pts, g)
     corners = np.array([[z, y, x] for z in (-0.5, 5.5) for y in (0.5, 4.5) for x in (1.5, 6.5)])
     lps = g.index_to_world(corners)
     np.testing.assert_allclose(lo, lps.min(axis=0), atol=1e-9)
     np.testing.assert_allclose(hi, lps.max(axis=0), atol=1e-9)
     nan_axis = np.array([[np.nan, 1, 2], [np.nan, 4, 6]], float)
-    np.testing.assert_allclose(_layers.roi_from_index_points(nan_axis, g)[0], lo, atol=1e-9)
+    np.testing.assert_allclose(layer_input.roi_from_index_points(nan_axis, g)[0], lo, atol=1e-9)
     with pytest.raises(InputError, match="outside"):
-        _layers.roi_from_index_points(np.array([[0, 50, 60], [0, 70, 80]], float), g)
+        layer_input.roi_from_index_points(np.array([[0, 50, 60], [0, 70, 80]], float), g)
 
 
 # ================================================================== the widget in a viewer
@@ -280,7 +297,7 @@ def test_run_cancel_edit_rerun_merge_and_pick(make_napari_viewer, qtbot, shared_
     target.mode = "paint"
     widget.pick_button.setChecked(True)
     assert target.mode == "pan_zoom"  # picking does not paint as well
-    [on_click] = [cb for cb in viewer.mouse_drag_callbacks if cb == widget._on_mouse]
+    [on_click] = [cb for cb in viewer.mouse_drag_callbacks if cb == widget.pick_panel.tool]
     t0 = time.perf_counter()
     on_click(viewer, MouseEvent(type="mouse_press", position=tuple(image.data_to_world(click)), button=1))
     assert time.perf_counter() - t0 < 5  # instant: no model run
@@ -290,7 +307,7 @@ def test_run_cancel_edit_rerun_merge_and_pick(make_napari_viewer, qtbot, shared_
     target.undo()  # the pick is an ordinary, undoable edit
     assert target.data[tuple(click)] == 0
     widget.pick_button.setChecked(False)
-    assert widget._on_mouse not in viewer.mouse_drag_callbacks
+    assert widget.pick_panel.tool not in viewer.mouse_drag_callbacks
     assert notes["error"] == []
 
 
@@ -321,7 +338,7 @@ def test_unknown_structure_is_a_notification_not_a_traceback(
     image = viewer.layers[0]
     widget.box_check.setChecked(False)
     assert widget.settings(image, 2).return_probabilities  # 1.4 M voxels: kept for clicks
-    monkeypatch.setattr("napari_cdpdnet._widget.PROBABILITY_BUDGET", image.data.size * 4 * 2 - 1)
+    monkeypatch.setattr("napari_cdpdnet._gui.run_panel.PROBABILITY_BUDGET", image.data.size * 4 * 2 - 1)
     assert widget.settings(image, 1).return_probabilities and not widget.settings(image, 2).return_probabilities
     image.name = "renamed CT"
     assert widget.image_combo.currentText() == "renamed CT"
@@ -336,7 +353,7 @@ def test_unknown_structure_is_a_notification_not_a_traceback(
 def test_completion_checklist_and_no_image(make_napari_viewer, qtbot, segmenter, notes) -> None:
     from qtpy.QtWidgets import QLabel
 
-    from napari_cdpdnet._widget import completion_terms
+    from napari_cdpdnet._gui.request_box import completion_terms
     from napari_cdpdnet.vocabulary.catalog import FIXED_CONDITIONING_NOTE
 
     viewer = make_napari_viewer()
@@ -426,12 +443,12 @@ def test_closing_the_dock_detaches_the_widget(make_napari_viewer, qtbot, segment
     image = viewer.add_image(np.zeros((3, 4, 5)), name="ct")
     widget = add_segmentation_dock(viewer, qtbot, segmenter)
     widget.pick_button.setChecked(True)
-    assert widget._on_mouse in viewer.mouse_drag_callbacks
+    assert widget.pick_panel.tool in viewer.mouse_drag_callbacks
     viewer.window.remove_dock_widget(widget)
     assert not widget.pick_button.isChecked()
-    assert widget._on_mouse not in viewer.mouse_drag_callbacks
+    assert widget.pick_panel.tool not in viewer.mouse_drag_callbacks
     widget.deleteLater()
-    qtbot.waitUntil(lambda: not widget._alive["yes"], timeout=5000)
-    assert widget._cancel.is_set()
+    qtbot.waitUntil(lambda: not widget.jobs.alive, timeout=5000)
+    assert widget.jobs.cancel_event.is_set()
     image.name = "renamed"  # viewer events no longer reach the deleted widget
     viewer.add_image(np.zeros((3, 4, 5)), name="another")

@@ -109,29 +109,30 @@ def _results(viewer) -> list[Any]:
 
 # ================================================================== ROI from drawn shapes, no window
 def test_example_box_keeps_its_slice_and_refuses_outside() -> None:
-    from napari_cdpdnet._gui import layers as _layers
+    from napari_cdpdnet._gui import layer_input
     from napari_cdpdnet.errors import InputError
 
-    roi = _layers.example_box_roi(np.array([[4, 2, 3], [4, 9, 3], [4, 9, 8], [4, 2, 8]], float), (10, 12, 14))
+    roi = layer_input.example_box_roi(np.array([[4, 2, 3], [4, 9, 3], [4, 9, 8], [4, 2, 8]], float), (10, 12, 14))
     assert roi.kind == "box" and roi.points.tolist() == [[4, 2, 3], [4, 9, 8]]  # z stays on slice 4
     with pytest.raises(InputError, match="outside the image"):
-        _layers.example_box_roi(np.array([[4, 20, 30], [4, 25, 35]], float), (10, 12, 14))
+        layer_input.example_box_roi(np.array([[4, 20, 30], [4, 25, 35]], float), (10, 12, 14))
     with pytest.raises(InputError, match="usable corners"):
-        _layers.example_box_roi(np.array([[np.nan, 2, 3], [np.nan, 5, 6]]), (10, 12, 14))
+        layer_input.example_box_roi(np.array([[np.nan, 2, 3], [np.nan, 5, 6]]), (10, 12, 14))
 
 
 def test_example_scribble_is_densified_and_clipped() -> None:
+    from napari_cdpdnet._gui import layer_input
     from napari_cdpdnet._gui import layers as _layers
     from napari_cdpdnet.errors import InputError
 
-    roi = _layers.example_scribble_roi([np.array([[2, 1, 1], [2, 1, 9], [2, 15, 9]], float)], (5, 12, 12))
+    roi = layer_input.example_scribble_roi([np.array([[2, 1, 1], [2, 1, 9], [2, 15, 9]], float)], (5, 12, 12))
     pts = {tuple(p) for p in roi.points.tolist()}
     assert {(2, 1, x) for x in range(1, 10)} <= pts  # every voxel along the first stroke
     assert {(2, y, 9) for y in range(1, 12)} <= pts and max(p[1] for p in pts) == 11  # clipped
     with pytest.raises(InputError, match="outside the image"):
-        _layers.example_scribble_roi([np.array([[9, 1, 1], [9, 2, 2]], float)], (5, 12, 12))
+        layer_input.example_scribble_roi([np.array([[9, 1, 1], [9, 2, 2]], float)], (5, 12, 12))
     with pytest.raises(InputError, match="no usable points"):
-        _layers.example_scribble_roi([np.full((2, 3), np.nan)], (5, 12, 12))
+        layer_input.example_scribble_roi([np.full((2, 3), np.nan)], (5, 12, 12))
     labels = _layers.example_labels(np.eye(3, dtype=bool)[None], LEFT_KIDNEY)
     assert labels.dtype == np.uint8 and set(np.unique(labels).tolist()) == {0, LEFT_KIDNEY.index}
 
@@ -197,12 +198,12 @@ def test_click_then_rectangle_fallback(make_napari_viewer, qtbot, oracle, crop, 
     widget.pick_button.setChecked(True)
     widget.example_click_button.setChecked(True)
     assert not widget.pick_button.isChecked()
-    assert widget._on_mouse not in viewer.mouse_drag_callbacks
-    [on_click] = [cb for cb in viewer.mouse_drag_callbacks if cb == widget._on_example_mouse]
+    assert widget.pick_panel.tool not in viewer.mouse_drag_callbacks
+    [on_click] = [cb for cb in viewer.mouse_drag_callbacks if cb == widget.example_panel.tool]
     kidney = np.argwhere(labels == LEFT_KIDNEY.index)
     voxel = kidney[len(kidney) // 2]
     event = MouseEvent(type="mouse_press", position=tuple(image.data_to_world(voxel)), button=1)
-    status = _finish(qtbot, widget, lambda: on_click(viewer, event) or widget._worker)
+    status = _finish(qtbot, widget, lambda: on_click(viewer, event) or widget.jobs.worker)
     assert status == "done", widget.status_label.text()
     [first] = _results(viewer)
     value = _check_result(first, image, geometry)
@@ -217,7 +218,7 @@ def test_click_then_rectangle_fallback(make_napari_viewer, qtbot, oracle, crop, 
     assert first.metadata["cdpdnet"]["example"]["prompt"] in shown
     assert first.selected_label == value and "added" in widget.status_label.text()
     widget.example_click_button.setChecked(False)
-    assert widget._on_example_mouse not in viewer.mouse_drag_callbacks
+    assert widget.example_panel.tool not in viewer.mouse_drag_callbacks
 
     # ---- the user edits the result; a rectangle run makes a new layer and leaves the edit alone
     first.paint((5, 5, 5), 30)
@@ -225,7 +226,7 @@ def test_click_then_rectangle_fallback(make_napari_viewer, qtbot, oracle, crop, 
     z = int(voxel[0])
     corners = np.array([[z, 25 - 18, 22 - 14], [z, 25 - 18, 46 - 14], [z, 52 - 18, 46 - 14], [z, 52 - 18, 22 - 14]], float)
     viewer.add_shapes([np.array([image.data_to_world(c) for c in corners])], shape_type="rectangle", name="box")
-    assert _finish(qtbot, widget, lambda: (widget.example_box_button.click(), widget._worker)[1]) == "done"
+    assert _finish(qtbot, widget, lambda: (widget.example_box_button.click(), widget.jobs.worker)[1]) == "done"
     first_again, second = _results(viewer)
     assert first_again is first and second.name.endswith("#2")
     np.testing.assert_array_equal(first.data, edited)

@@ -1,4 +1,4 @@
-"""Segmentation results as napari Labels layers, without Qt: what the widget adds to the viewer.
+"""Segmentation results as napari Labels layers, without Qt: what the dock writes to the viewer.
 
 Why a separate module: the rules that protect a user's work live here and are tested without a
 window. A run always becomes a *new* layer (``labels_layer_data``); merging into an existing
@@ -7,7 +7,11 @@ voxels that are background or already hold the same structure, and never a voxel
 edited (tracked by :class:`EditTracker` from the layer's paint events).
 
 Point and click uses the probabilities of the last run, stored compactly (:class:`ProbabilityCache`,
-one byte per voxel per structure) so that a click adds a structure without running the model.
+one byte per voxel per structure) so that a click adds a structure without running the model;
+:func:`add_picked_region` writes it, by the same rule as a merge, as one undoable edit.
+
+What the dock reads *from* the viewer (the chosen image, boxes, marks, clicks) is converted in
+:mod:`napari_cdpdnet._gui.layer_input`.
 
 Layer metadata convention (shared with the reader and the structure table)::
 
@@ -34,8 +38,6 @@ from napari_cdpdnet.vocabulary.catalog import STRUCTURES, Structure
 if TYPE_CHECKING:  # pragma: no cover
     from napari.layers import Labels
 
-    from napari_cdpdnet.example.ranking import ROI
-
 __all__ = [
     "LAYER_PREFIX",
     "color_dict",
@@ -46,12 +48,11 @@ __all__ = [
     "labels_layer_data",
     "is_cdpdnet_layer",
     "merge_labels_into",
+    "record_structures",
     "EditTracker",
     "ProbabilityCache",
     "pick_component",
-    "roi_from_index_points",
-    "example_box_roi",
-    "example_scribble_roi",
+    "add_picked_region",
     "example_labels",
 ]
 
@@ -260,6 +261,13 @@ def merge_labels_into(
     return count
 
 
+def record_structures(metadata: dict[str, Any], keys: Iterable[str]) -> None:
+    """Add structure keys to a result layer's ``cdpdnet.structures`` (once each, in order)."""
+    info = metadata.setdefault("cdpdnet", {})
+    if isinstance(info, dict):
+        info["structures"] = list(dict.fromkeys([*info.get("structures", []), *keys]))
+
+
 # --------------------------------------------------------------------------- point and click
 @dataclass
 class ProbabilityCache:
@@ -320,90 +328,24 @@ def pick_component(cache: ProbabilityCache, zyx: Sequence[int]) -> tuple[int, np
     return best, flood(inside, idx, connectivity=1)
 
 
-# --------------------------------------------------------------------------- box -> ROI
-def roi_from_index_points(
-    points: np.ndarray, geometry: Geometry
-) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    """The LPS-mm ROI box (``SegmentationSettings.roi``) of a box drawn in voxel coordinates.
+def add_picked_region(layer: Labels, index: int, region: np.ndarray) -> int:
+    """Write a picked structure's region into a result layer; returns the voxels written.
 
-    ``points`` are ``[z, y, x]`` voxel coordinates of the drawn shape's vertices (NaN for an axis
-    the shape does not have). A rectangle drawn on one slice is flat along one axis; that axis,
-    and any NaN axis, spans the whole image, so a box drawn on an axial slice limits the run in
-    x and y only. The box covers whole voxels (half a voxel beyond the vertex centres).
-
-    Raises:
-        InputError: no finite vertex, or a box that misses the image.
+    Like a merge, only background voxels and voxels already holding the structure are written,
+    so a pick never overwrites another structure. The write is one undoable edit (like a brush
+    stroke); the structure becomes the layer's selected label and joins its metadata's
+    structures.
     """
-    pts = np.asarray(points, dtype=float).reshape(-1, 3)
-    shape = np.asarray(geometry.shape, dtype=float)
-    if pts.size == 0 or not np.isfinite(pts).any():
-        raise InputError("the box has no usable corners")
-    lo = np.empty(3)
-    hi = np.empty(3)
-    for axis in range(3):
-        col = pts[:, axis][np.isfinite(pts[:, axis])]
-        if col.size == 0 or col.max() - col.min() < 0.5:
-            lo[axis], hi[axis] = 0.0, shape[axis] - 1
-        else:
-            lo[axis], hi[axis] = col.min(), col.max()
-    if np.any(hi < 0) or np.any(lo > shape - 1):
-        raise InputError("the box lies outside the image: draw it over the CT")
-    lo = np.clip(lo, 0, shape - 1) - 0.5
-    hi = np.clip(hi, 0, shape - 1) + 0.5
-    corners = np.array([[z, y, x] for z in (lo[0], hi[0]) for y in (lo[1], hi[1])
-                        for x in (lo[2], hi[2])])
-    lps = geometry.index_to_world(corners)
-    a, b = lps.min(axis=0), lps.max(axis=0)
-    return (float(a[0]), float(a[1]), float(a[2])), (float(b[0]), float(b[1]), float(b[2]))
+    data = np.asarray(layer.data)
+    coords = np.nonzero(region & ((data == 0) | (data == index)))
+    if coords[0].size:
+        layer.data_setitem(coords, index)
+    layer.selected_label = index
+    record_structures(layer.metadata, [STRUCTURES[index - 1].key])
+    return int(coords[0].size)
 
 
 # --------------------------------------------------------------------------- segment by example
-def example_box_roi(points: np.ndarray, shape: Sequence[int]) -> ROI:
-    """The segment-by-example box of a rectangle drawn with ``[z, y, x]`` voxel vertices.
-
-    Unlike :func:`roi_from_index_points` (which limits a run, so a flat axis spans the image),
-    an example box marks one structure: a rectangle drawn on one slice stays on that slice.
-
-    Raises:
-        InputError: no finite vertex (or a missing axis), or a box outside the image.
-    """
-    from napari_cdpdnet.example.ranking import ROI
-
-    pts = np.asarray(points, dtype=float).reshape(-1, 3)
-    if pts.size == 0 or not np.isfinite(pts).all():
-        raise InputError("the rectangle has no usable corners: draw it over the CT")
-    return ROI.box(pts.min(axis=0), pts.max(axis=0)).check(shape)
-
-
-def example_scribble_roi(polylines: Sequence[np.ndarray], shape: Sequence[int]) -> ROI:
-    """A scribble ROI from Shapes paths/lines (``[z, y, x]`` voxel vertices), densified so
-    every voxel the stroke crosses counts, not only its vertices.
-
-    Raises:
-        InputError: no usable vertex, or the stroke lies entirely outside the image.
-    """
-    from napari_cdpdnet.example.ranking import ROI
-
-    voxels: list[np.ndarray] = []
-    for line in polylines:
-        pts = np.asarray(line, dtype=float).reshape(-1, 3)
-        pts = pts[np.isfinite(pts).all(axis=1)]
-        if len(pts) == 0:
-            continue
-        voxels.append(pts[:1])
-        for a, b in zip(pts[:-1], pts[1:], strict=True):
-            n = max(1, int(np.ceil(np.abs(b - a).max() * 2)))  # half-voxel steps
-            t = np.linspace(0.0, 1.0, n + 1)[1:, None]
-            voxels.append(a + t * (b - a))
-    if not voxels:
-        raise InputError("the scribble has no usable points: draw a path or line over the CT")
-    pts = np.rint(np.concatenate(voxels))
-    inside = np.all((pts >= 0) & (pts < np.asarray(shape)), axis=1)
-    if not inside.any():
-        raise InputError(f"the scribble lies outside the image {tuple(shape)} (z, y, x voxels)")
-    return ROI.scribble(pts[inside]).check(shape)
-
-
 def example_labels(mask: np.ndarray, structure: Structure) -> np.ndarray:
     """A segment-by-example mask as a label map (value = the structure's index)."""
     dtype = np.uint8 if structure.index < 256 else np.uint16

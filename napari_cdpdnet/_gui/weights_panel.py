@@ -1,0 +1,127 @@
+"""The "Weights" box of the segmentation dock: are the weights usable, download them, or use a folder.
+
+The dock never downloads on its own: the Download button does, in a worker, with progress on
+the dock's shared progress bar. Checking the weights may hash large files, so it runs in a
+worker too; only the latest check may update the line (an older one finishing late is ignored).
+Where weights are looked for, and their terms, are the core's business
+(:mod:`napari_cdpdnet.weights`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qtpy.QtWidgets import QFileDialog, QGroupBox, QHBoxLayout, QLabel, QPushButton, QVBoxLayout
+
+from napari_cdpdnet._gui import notify
+from napari_cdpdnet.errors import CdpdnetError
+from napari_cdpdnet.inference.segmenter import Segmenter
+
+if TYPE_CHECKING:  # pragma: no cover
+    from napari_cdpdnet._widget import SegmentationWidget
+
+__all__ = ["WeightsPanel"]
+
+#: What a download fetches: the CDPDNet checkpoint and the DINOv2 backbone.
+_COMPONENTS = ["cdpdnet", "dinov2-base"]
+
+
+class WeightsPanel(QGroupBox):
+    """Weights status line, "Download weights" and "Use local folder..."."""
+
+    def __init__(self, dock: SegmentationWidget) -> None:
+        super().__init__("Weights")
+        self._dock = dock
+        self._check = 0  # generation of the latest weights check
+        layout = QVBoxLayout(self)
+        self.weights_label = QLabel("Weights: checking...")
+        self.weights_label.setWordWrap(True)
+        layout.addWidget(self.weights_label)
+        row = QHBoxLayout()
+        self.download_button = QPushButton("Download weights")
+        self.download_button.setToolTip(
+            "Downloads the CDPDNet checkpoint and DINOv2-base (third-party weights with their own "
+            "terms, about 1 GB) into the local cache; see `cdpdnet weights info`."
+        )
+        self.folder_button = QPushButton("Use local folder...")
+        self.folder_button.setToolTip("A folder holding cdpdnet.pth and DINOv2-base (offline sites)")
+        row.addWidget(self.download_button)
+        row.addWidget(self.folder_button)
+        layout.addLayout(row)
+        self.download_button.clicked.connect(self.download)
+        self.folder_button.clicked.connect(self._choose_folder)
+
+    def set_busy(self, busy: bool) -> None:
+        self.download_button.setEnabled(not busy)
+        self.folder_button.setEnabled(not busy)
+
+    def refresh_status(self) -> None:
+        """Check (in a worker: it may hash large files) whether the weights are usable."""
+        self._check += 1
+        generation = self._check
+        segmenter = self._dock.segmenter
+        if segmenter.is_loaded():
+            self.weights_label.setText("Weights: model loaded.")
+            return
+        self.weights_label.setText("Weights: checking...")
+
+        def ok(files: Any) -> None:
+            if generation != self._check:
+                return
+            where = ", ".join(sorted(set(files.sources.values())))
+            self.weights_label.setText(f"Weights: ready ({where}).")
+            self.weights_label.setToolTip(f"{files.checkpoint}\n{files.dino_weights}")
+
+        def failed(exc: BaseException) -> None:
+            if generation != self._check:
+                return
+            self.weights_label.setText(
+                "Weights: not found. Download them (about 1 GB, third-party terms) or choose a "
+                "local folder holding cdpdnet.pth and DINOv2-base."
+            )
+            self.weights_label.setToolTip(str(exc))
+
+        self._dock.jobs.start(segmenter.weights, on_result=ok, on_error=failed, exclusive=False)
+
+    def use_folder(self, folder: str | Path) -> None:
+        """Use the weights in ``folder`` (flat, or the ``cdpdnet weights download`` layout)."""
+        self._dock.segmenter = Segmenter(checkpoint=folder, dino=folder, allow_download=False)
+        self._dock.probability_cache.clear()
+        self.refresh_status()
+
+    def _choose_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Folder with CDPDNet weights")
+        if folder:
+            self.use_folder(folder)
+
+    def download(self) -> Any:
+        """Download the checkpoint and DINOv2-base into the cache, with progress; returns the
+        worker, or None when the dock is busy."""
+        dock = self._dock
+        if dock.jobs.refuse_if_busy():
+            return None
+        from napari_cdpdnet.weights import download_all
+
+        def ok(_checks: Any) -> None:
+            dock.segmenter = Segmenter(allow_download=False)
+            dock.status_label.setText("Weights downloaded.")
+
+        def failed(exc: BaseException) -> None:
+            message = str(exc) if isinstance(exc, CdpdnetError) else f"download failed: {exc}"
+            dock.status_label.setText("Download failed (see the notification).")
+            notify.show_error(message)
+
+        def finished() -> None:
+            dock.run_panel.show_download_finished()
+            self.refresh_status()
+
+        dock.status_label.setText("Downloading weights...")
+        return dock.jobs.start(
+            download_all,
+            progress=dock.download_progressed.emit,
+            components=_COMPONENTS,
+            on_result=ok,
+            on_error=failed,
+            on_finished=finished,
+        )
