@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from napari_cdpdnet.errors import Cancelled, InputError, WeightsError
+from napari_cdpdnet.extras import import_extra
 from napari_cdpdnet.training.config import TrainConfig
 from napari_cdpdnet.training.loss import LossTerms, partial_label_loss
 from napari_cdpdnet.training.schedule import LinearWarmupCosineAnnealingLR
@@ -305,6 +306,7 @@ class Trainer:
 
     def setup(self) -> None:
         """Build model, optimiser, scheduler and data; load ``resume`` when set."""
+        import_extra("monai", "train", "training (cdpdnet train)")
         from monai.utils import set_determinism
 
         self._init_distributed()
