@@ -38,7 +38,6 @@ sys.path.insert(0, str(REPO))
 
 from napari_cdpdnet.example.mapper import (  # noqa: E402
     TrainingConfig,
-    load_teacher,
     sample_rois,
     split_halves,
     train_mapper,
@@ -46,6 +45,7 @@ from napari_cdpdnet.example.mapper import (  # noqa: E402
 )
 from napari_cdpdnet.example.ranking import rank_by_probability  # noqa: E402
 from napari_cdpdnet.io.images import read_ct, read_label_map  # noqa: E402
+from napari_cdpdnet.model.text import load_organ_embeddings  # noqa: E402
 from napari_cdpdnet.vocabulary.labelmaps import TOTALSEGMENTATOR_TOTAL, remap  # noqa: E402
 
 log = logging.getLogger("roi_accuracy")
@@ -121,7 +121,7 @@ def main() -> int:
     ct = read_ct(data / "example_ct.nii.gz")
     seg, g = read_label_map(data / "example_seg_full.nii.gz")
     labels = remap(seg, TOTALSEGMENTATOR_TOTAL)
-    teacher = load_teacher(teacher_path)
+    teacher = load_organ_embeddings(teacher_path)
     upper, lower = split_halves(labels, g)
 
     t0 = time.perf_counter()

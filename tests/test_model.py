@@ -160,3 +160,63 @@ def test_bad_inputs_are_refused(tiny: CDPDNetModel) -> None:
         tiny(torch.rand(1, 1, 64, 96, 96), torch.tensor([0]))
     with pytest.raises(InputError, match="task_id 11"):
         tiny(torch.rand(1, 1, 96, 96, 96), torch.tensor([11]))
+
+
+# --------------------------------------------------------------------------- checkpoint reader
+def test_read_checkpoint_unwraps_and_keeps_the_training_state(tmp_path: Path) -> None:
+    from napari_cdpdnet.model.checkpoint import read_checkpoint
+
+    t = torch.arange(3.0)
+    trained = tmp_path / "latest.pth"
+    torch.save({"net": {"module.a": t}, "epoch": 4, "optimizer": {"lr": 0.1}}, trained)
+    sd, rest = read_checkpoint(trained)
+    assert list(sd) == ["a"] and torch.equal(sd["a"], t)
+    assert rest == {"epoch": 4, "optimizer": {"lr": 0.1}}
+    bare = tmp_path / "bare.pth"
+    torch.save({"a": t}, bare)
+    assert read_checkpoint(bare)[1] == {}
+    with pytest.raises(WeightsError, match="is a folder"):
+        read_checkpoint(tmp_path)
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"weights": {"a": t}, "epoch": 1}, foreign)
+    with pytest.raises(WeightsError, match="no 'net' entry"):
+        read_checkpoint(foreign)
+
+
+# --------------------------------------------------------------------------- text side
+def test_official_text_embedding_tables(shared_path, tmp_path: Path) -> None:
+    from napari_cdpdnet.model.text import load_organ_embeddings, load_text_embedding_tables
+
+    folder = shared_path("cdpdnet", "text_embeddings")
+    organ, task = load_text_embedding_tables(folder)
+    assert organ.shape == (32, 512) and task.shape == (11, 512)
+    assert organ.dtype == task.dtype == torch.float32
+    assert load_organ_embeddings(folder / "txt_encoding.pth") == pytest.approx(organ.numpy())
+    (tmp_path / "txt_encoding.pth").write_bytes((folder / "txt_encoding.pth").read_bytes())
+    with pytest.raises(InputError, match="txt_task_encoding.pth not found"):
+        load_text_embedding_tables(tmp_path)
+
+
+@pytest.mark.slow
+def test_clip_text_tower_from_a_path_feeds_the_scorer(tmp_path: Path) -> None:
+    """The one CLIP loader: a weights file given by path (random weights stand in for OpenAI's)."""
+    open_clip = pytest.importorskip("open_clip")
+    from napari_cdpdnet.model.text import ClipScorer, load_clip_text_tower
+    from napari_cdpdnet.vocabulary import STRUCTURES
+
+    torch.manual_seed(0)  # QuickGELU, as the OpenAI weights (and so the loader) use
+    reference = open_clip.create_model("ViT-B-32", pretrained=None, force_quick_gelu=True).eval()
+    path = tmp_path / "clip.pt"
+    torch.save(reference.state_dict(), path)
+    tower = load_clip_text_tower(path)
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    with torch.inference_mode():
+        expected = reference.encode_text(tokenizer(["liver", "left kidney"])).numpy()
+    np_encoded = tower.encode(["liver", "left kidney"])
+    assert np_encoded.shape == (2, 512)
+    torch.testing.assert_close(torch.as_tensor(np_encoded), torch.as_tensor(expected))
+    assert tower.logit_scale == pytest.approx(1 / 0.07, rel=1e-4)
+    organ = tower.encode([s.prompt for s in STRUCTURES])
+    scorer = ClipScorer(clip_weights=path, organ_embeddings=organ)
+    aorta = next(s for s in STRUCTURES if s.key == "aorta")
+    assert int(scorer.similarities(aorta.official_name).argmax()) == aorta.channel

@@ -9,9 +9,7 @@ import pytest
 from napari_cdpdnet.errors import VocabularyError, WeightsError
 from napari_cdpdnet.vocabulary.catalog import STRUCTURES, structure
 from napari_cdpdnet.vocabulary.resolver import (
-    ClipScorer,
     UnresolvedStructure,
-    load_organ_embedding,
     normalize,
     resolve,
     resolve_many,
@@ -311,6 +309,8 @@ def _encode(model, tokenizer, text: str):
 
 @pytest.mark.slow
 def test_clip_scores_against_the_checkpoint_embeddings(random_clip) -> None:
+    from napari_cdpdnet.model.text import ClipScorer
+
     model, tokenizer, organ = random_clip
     query = "zzqv blob"  # no name, synonym or typo matches this
     target = structure("hepatic_vessel")
@@ -338,6 +338,8 @@ def test_clip_scores_against_the_checkpoint_embeddings(random_clip) -> None:
 
 @pytest.mark.slow
 def test_clip_is_only_asked_when_names_fail_and_ranks_unsupported_terms(random_clip) -> None:
+    from napari_cdpdnet.model.text import ClipScorer
+
     model, tokenizer, organ = random_clip
     scorer = ClipScorer(model, organ, tokenizer=tokenizer)
     assert resolve("IVC", clip_scorer=scorer, threshold=0.0).method == "synonym"
@@ -360,6 +362,8 @@ def test_clip_scorer_is_lazy_and_names_missing_weights(
     monkeypatch.setenv("CDPDNET_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.delenv("CDPDNET_WEIGHTS_DIR", raising=False)
+    from napari_cdpdnet.model.text import ClipScorer
+
     scorer = ClipScorer()  # constructing loads and downloads nothing
     assert resolve("liver", clip_scorer=scorer).method == "exact"
     with pytest.raises(WeightsError, match="open_clip_model.safetensors"):
@@ -368,6 +372,8 @@ def test_clip_scorer_is_lazy_and_names_missing_weights(
 
 def test_load_organ_embedding_from_checkpoint_formats(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
+    from napari_cdpdnet.model.text import load_organ_embeddings
+
     emb = torch.randn(32, 512)
     official = tmp_path / "official.pth"
     torch.save(
@@ -376,17 +382,17 @@ def test_load_organ_embedding_from_checkpoint_formats(tmp_path: Path) -> None:
     )
     plain = tmp_path / "plain.pth"
     torch.save({"organ_embedding": emb}, plain)
-    assert load_organ_embedding(official) == pytest.approx(emb.half().float().numpy())
-    assert load_organ_embedding(plain) == pytest.approx(emb.numpy())
+    assert load_organ_embeddings(official) == pytest.approx(emb.half().float().numpy())
+    assert load_organ_embeddings(plain) == pytest.approx(emb.numpy())
     bad = tmp_path / "bad.pth"
     torch.save({"net": {"module.task_embedding": torch.zeros(11, 512)}}, bad)
     with pytest.raises(WeightsError, match="no organ_embedding"):
-        load_organ_embedding(bad)
+        load_organ_embeddings(bad)
     wrong = tmp_path / "wrong.pth"
     torch.save({"organ_embedding": torch.zeros(31, 512)}, wrong)
     with pytest.raises(WeightsError, match="shape"):
-        load_organ_embedding(wrong)
+        load_organ_embeddings(wrong)
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"junk")
     with pytest.raises(WeightsError, match="cannot read"):
-        load_organ_embedding(junk)
+        load_organ_embeddings(junk)

@@ -15,7 +15,6 @@ from napari_cdpdnet.example.mapper import (
     TrainingConfig,
     _noise_scale,
     feature_names,
-    load_teacher,
     roi_features,
     roi_region,
     sample_rois,
@@ -108,19 +107,20 @@ def test_mapper_file_errors(tmp_path: Path) -> None:
 def test_teacher_from_tiny_checkpoint_and_official_file(tmp_path: Path, shared_path) -> None:
     from model_support import write_tiny_weights
 
-    from napari_cdpdnet.vocabulary.resolver import load_organ_embedding
+    from napari_cdpdnet.model import load_official_checkpoint
+    from napari_cdpdnet.model.text import load_organ_embeddings
 
     small, _, _ = write_tiny_weights(tmp_path / "small")  # 32-dim text: not a CLIP teacher
     with pytest.raises(WeightsError, match=r"\(32, 512\)"):
-        load_teacher(small)
+        load_organ_embeddings(small)
     ckpt, _, _ = write_tiny_weights(tmp_path / "w", config=_tiny512())
-    t = load_teacher(ckpt)
+    t = load_organ_embeddings(ckpt)
     assert t.shape == (32, 512)
-    np.testing.assert_array_equal(t, load_organ_embedding(ckpt))
-    official = load_teacher(shared_path("cdpdnet", "text_embeddings", "txt_encoding.pth"))
+    np.testing.assert_array_equal(t, load_official_checkpoint(ckpt)["organ_embedding"].numpy())
+    official = load_organ_embeddings(shared_path("cdpdnet", "text_embeddings", "txt_encoding.pth"))
     assert official.shape == (32, 512) and official.dtype == np.float32
     with pytest.raises(WeightsError):
-        load_teacher(tmp_path / "missing.pth")
+        load_organ_embeddings(tmp_path / "missing.pth")
 
 
 def test_sampled_rois_lie_on_their_structure() -> None:
@@ -173,11 +173,12 @@ def test_click_region_and_features_are_grid_independent() -> None:
 def test_real_scan_held_out_halves(shared_path) -> None:
     """Attributes-only mapper: ROIs from each structure's superior half train, inferior half tests."""
     from napari_cdpdnet.io.images import read_ct, read_label_map
+    from napari_cdpdnet.model.text import load_organ_embeddings
 
     ct = read_ct(shared_path("data", "totalsegmentator", "example_ct.nii.gz"))
     seg, g = read_label_map(shared_path("data", "totalsegmentator", "example_seg_full.nii.gz"))
     labels = remap(seg, TOTALSEGMENTATOR_TOTAL)
-    teacher = load_teacher(shared_path("cdpdnet", "text_embeddings", "txt_encoding.pth"))
+    teacher = load_organ_embeddings(shared_path("cdpdnet", "text_embeddings", "txt_encoding.pth"))
     up, lo = split_halves(labels, g)
     x, y = training_set(sample_rois(up, np.random.default_rng(0), per_kind=6), ct.array, g)
     xt, yt = training_set(sample_rois(lo, np.random.default_rng(1), per_kind=3), ct.array, g)

@@ -406,8 +406,8 @@ def test_weights_folder_and_offline_download(make_napari_viewer, qtbot, weights,
                     progress(min(i + (1 << 16), len(data)), len(data), filename)
         return None
 
-    monkeypatch.setattr("napari_cdpdnet.weights.downloads_disabled", lambda: None)  # "online"
-    monkeypatch.setattr("napari_cdpdnet.weights.hf_downloader", fake_hub)
+    monkeypatch.setattr("napari_cdpdnet.weights.download.downloads_disabled", lambda: None)  # "online"
+    monkeypatch.setattr("napari_cdpdnet.weights.download.hf_downloader", fake_hub)
     progress: list[tuple[int, int, str]] = []
     widget.download_progressed.connect(lambda d, t, n: progress.append((d, t, n)))
     errors_before = len(notes["error"])

@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     import math
 
     from napari_cdpdnet.errors import InputError
+    from napari_cdpdnet.extras import import_extra
     from napari_cdpdnet.fileutil import check_writable, full_suffix
     from napari_cdpdnet.training.evaluation import (
         evaluate_files,
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         if full_suffix(args.plot) != ".png":
             raise InputError(f"--plot {args.plot}: the plot is written as PNG; use a .png name")
         check_writable(args.plot, overwrite=args.overwrite)
+        import_extra("matplotlib", "train", "plotting scores (cdpdnet evaluate --plot)")
     mapping = parse_mapping(args.map) if args.map else None
     rows = evaluate_files(args.pred, args.ref, mapping, numbering=args.numbering)
     if not rows:

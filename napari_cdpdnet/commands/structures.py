@@ -97,9 +97,13 @@ def _print_tasks() -> None:
 def run(args: argparse.Namespace) -> int:
     if args.resolve is not None:
         from napari_cdpdnet.vocabulary.catalog import plan_passes
-        from napari_cdpdnet.vocabulary.resolver import ClipScorer, resolve_many
+        from napari_cdpdnet.vocabulary.resolver import resolve_many
 
-        scorer = ClipScorer(allow_download=False) if args.clip else None
+        scorer = None
+        if args.clip:
+            from napari_cdpdnet.model.text import ClipScorer
+
+            scorer = ClipScorer(allow_download=False)
         found = resolve_many(args.resolve, clip_scorer=scorer)
         plan = plan_passes([r.structure for r in found])
         if args.json:

@@ -62,13 +62,13 @@ def run(args: argparse.Namespace) -> int:
 
     from napari_cdpdnet.example.mapper import (
         TrainingConfig,
-        load_teacher,
         sample_rois,
         train_mapper,
         training_set,
     )
     from napari_cdpdnet.fileutil import check_writable
     from napari_cdpdnet.io.images import read_ct, read_label_map
+    from napari_cdpdnet.model.text import load_organ_embeddings
     from napari_cdpdnet.vocabulary.labelmaps import parse_mapping, remap
 
     if len(args.ct) != len(args.labels):
@@ -81,20 +81,21 @@ def run(args: argparse.Namespace) -> int:
     check_writable(args.output, overwrite=args.overwrite)
     mapping = parse_mapping(args.map)
     if args.teacher is not None:
-        teacher = load_teacher(args.teacher)
+        teacher = load_organ_embeddings(args.teacher)
         teacher_source = str(args.teacher)
     else:
         from napari_cdpdnet.weights import resolve_checkpoint
 
         ckpt = resolve_checkpoint(args.checkpoint, allow_download=not args.offline)
-        teacher = load_teacher(ckpt)
+        teacher = load_organ_embeddings(ckpt)
         teacher_source = str(ckpt)
     if args.clip_weights is not None:
-        from napari_cdpdnet.example.mapper import clip_text_encoder, ensemble_teacher
+        from napari_cdpdnet.example.mapper import ensemble_teacher
+        from napari_cdpdnet.model.text import load_clip_text_tower
 
-        encode = clip_text_encoder(args.clip_weights if str(args.clip_weights) else None,
-                                   allow_download=not args.offline)
-        teacher = ensemble_teacher(teacher, encode, weight=args.ensemble_weight)
+        clip = load_clip_text_tower(args.clip_weights if str(args.clip_weights) else None,
+                                    allow_download=not args.offline)
+        teacher = ensemble_teacher(teacher, clip.encode, weight=args.ensemble_weight)
         teacher_source += f" + CLIP attribute sentences (weight {args.ensemble_weight:g})"
     segmenter = None
     if args.with_model:

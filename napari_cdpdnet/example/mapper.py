@@ -50,10 +50,8 @@ __all__ = [
     "feature_names",
     "roi_region",
     "roi_features",
-    "load_teacher",
     "card_sentences",
     "ensemble_teacher",
-    "clip_text_encoder",
     "sample_rois",
     "split_halves",
     "training_set",
@@ -157,28 +155,6 @@ def roi_features(
 
 
 # --------------------------------------------------------------------------- teacher
-def load_teacher(path: str | Path) -> np.ndarray:
-    """The 32 × 512 organ embeddings: from a CDPDNet checkpoint, or a saved tensor (the official
-    ``txt_encoding.pth``). Read on CPU with ``weights_only`` (no code from the file runs)."""
-    import torch
-
-    from napari_cdpdnet.vocabulary.resolver import load_organ_embedding
-
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such file (teacher embeddings: a CDPDNet checkpoint or txt_encoding.pth)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unreadable file is a weights problem
-        raise WeightsError(f"{path}: cannot read teacher embeddings ({type(exc).__name__}: {exc})") from exc
-    if isinstance(obj, torch.Tensor):
-        emb = obj.detach().float().reshape(obj.shape[0], -1).numpy()
-        if emb.shape != (len(STRUCTURES), 512):
-            raise WeightsError(f"{path}: tensor of shape {tuple(obj.shape)}, expected (32, 512)")
-        return np.ascontiguousarray(emb, dtype=np.float32)
-    return load_organ_embedding(path)
-
-
 def card_sentences() -> list[list[str]]:
     """Attribute sentences per structure (from its card) for the teacher ensemble."""
     from napari_cdpdnet.example.attributes import attribute_card, attribute_sentence
@@ -197,7 +173,8 @@ def ensemble_teacher(
 
     ``out_s = |t_s| · unit((1 − weight) · unit(t_s) + weight · unit(mean_i unit(encode(sentence_si))))``:
     the structure's official prompt stays the anchor, the attribute sentences pull it towards how
-    the structure looks. ``encode`` maps texts to [n, D] embeddings (see :func:`clip_text_encoder`).
+    the structure looks. ``encode`` maps texts to [n, D] embeddings (e.g.
+    :meth:`napari_cdpdnet.model.text.ClipTextTower.encode`).
     """
     if not 0.0 <= weight <= 1.0:
         raise InputError(f"ensemble weight {weight}: must be within 0..1")
@@ -217,31 +194,6 @@ def ensemble_teacher(
         blend = (1.0 - weight) * unit(t) + weight * unit(unit(e).mean(axis=0))
         out[i] = np.linalg.norm(t) * unit(blend)
     return out
-
-
-def clip_text_encoder(clip_weights: str | Path | None = None, *, allow_download: bool = False) -> Callable[[list[str]], np.ndarray]:
-    """open_clip ViT-B/32 text tower (the one the organ embeddings came from) as ``encode(texts)``.
-
-    Raises:
-        WeightsError: the CLIP weights are not available (offline and not in the weights folder).
-    """
-    import open_clip
-    import torch
-
-    from napari_cdpdnet.weights import resolve_clip
-
-    path = resolve_clip(clip_weights, allow_download=allow_download)
-    try:
-        model = open_clip.create_model("ViT-B-32", pretrained=str(path), force_quick_gelu=True).eval()
-    except Exception as exc:  # noqa: BLE001
-        raise WeightsError(f"{path}: not usable as open_clip ViT-B-32 weights ({exc})") from exc
-    tokenizer = open_clip.get_tokenizer("ViT-B-32")
-
-    def encode(texts: list[str]) -> np.ndarray:
-        with torch.inference_mode():
-            return model.encode_text(tokenizer(texts)).float().numpy()
-
-    return encode
 
 
 # --------------------------------------------------------------------------- sampling
@@ -587,7 +539,8 @@ def train_mapper(
     Args:
         features: [N, F] from :func:`roi_features`.
         targets: N structure indices (1..32).
-        teacher: [32, 512] organ embeddings (:func:`load_teacher`).
+        teacher: [32, 512] organ embeddings
+            (:func:`napari_cdpdnet.model.text.load_organ_embeddings`).
         uses_model_features: whether ``features`` include the 32 pooled probabilities.
         config: :class:`TrainingConfig`.
         log: receives one line every 50 epochs.

@@ -30,8 +30,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from napari_cdpdnet.export.labeltable import LabelRow
     from napari_cdpdnet.inference.pipeline import ProgressEvent, SegmentationResult
     from napari_cdpdnet.inference.settings import SegmentationSettings
+    from napari_cdpdnet.model.text import ClipScorer
     from napari_cdpdnet.vocabulary.catalog import SegmentationPlan, Structure
-    from napari_cdpdnet.vocabulary.resolver import ClipScorer, Resolution
+    from napari_cdpdnet.vocabulary.resolver import Resolution
     from napari_cdpdnet.weights import WeightFiles
 
 __all__ = ["Segmenter", "SegmentationOutput", "parse_request"]

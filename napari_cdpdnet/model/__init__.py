@@ -1,7 +1,11 @@
-"""The CDPDNet model: architecture, official-weight loading and builders.
+"""The CDPDNet model: architecture, official-weight loading, builders and the text side.
+
+``cdpdnet`` (the network), ``lwca`` and ``dino`` (its parts), ``config`` (the architecture as
+data), ``checkpoint`` (the one reader of checkpoint files), ``convert`` (official weights to a
+model) and ``text`` (the fixed CLIP text embeddings and the optional CLIP scorer for free text).
 
 Importing this package imports torch (``import napari_cdpdnet`` alone does not); transformers is
-imported when a model is built.
+imported when a model is built, open_clip only when CLIP is loaded.
 
 Typical use::
 
@@ -15,12 +19,12 @@ Typical use::
 from __future__ import annotations
 
 from napari_cdpdnet.model.cdpdnet import PATCH_SIZE, CDPDNet, CDPDNetModel, build_model
+from napari_cdpdnet.model.checkpoint import load_official_checkpoint
 from napari_cdpdnet.model.config import CDPDNetConfig
 from napari_cdpdnet.model.convert import (
     build_from_official,
     infer_config,
     load_dino_state_dict,
-    load_official_checkpoint,
     normalise_dino_keys,
     official_state_dicts,
 )

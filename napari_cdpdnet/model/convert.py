@@ -1,9 +1,8 @@
-"""Loading the official weights: the CDPDNet checkpoint and the DINOv2 encoder.
+"""From official weights to a model: DINOv2 key names, the architecture, the strict load.
 
-* ``cdpdnet.pth`` (``jwu2009/CDPDNet``) is a training checkpoint ``{"net": state_dict, ...}``
-  saved from DistributedDataParallel, so its keys usually start with ``module.``;
-  :func:`load_official_checkpoint` reads it safely (``weights_only``, on the CPU) and returns
-  the 324-entry state dict with official key names.
+* The CDPDNet checkpoint ``cdpdnet.pth`` is read by
+  :func:`~napari_cdpdnet.model.checkpoint.load_official_checkpoint` (the 324-entry state dict
+  with official key names).
 * DINOv2 weights are separate (``facebook/dinov2-base``). :func:`load_dino_state_dict` reads a
   ``.safetensors`` or PyTorch file (or a Hugging Face snapshot folder) in Hugging Face hub names
   (``attention.attention.query``), transformers-5 names (``attention.q_proj``) or Meta's original
@@ -22,17 +21,23 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from napari_cdpdnet.errors import WeightsError
 from napari_cdpdnet.model.cdpdnet import CDPDNetModel
+from napari_cdpdnet.model.checkpoint import (
+    StateDict,
+    as_state_dict,
+    check_file,
+    read_torch_file,
+    short_list,
+    strip_module_prefix,
+)
 from napari_cdpdnet.model.config import DINO_HEAD_DIM, CDPDNetConfig
 
 __all__ = [
-    "load_official_checkpoint",
     "load_dino_state_dict",
     "build_from_official",
     "official_state_dicts",
@@ -40,12 +45,9 @@ __all__ = [
     "normalise_dino_keys",
     "dino_hub_to_transformers",
     "dino_transformers_to_hub",
-    "strip_module_prefix",
 ]
 
 logger = logging.getLogger(__name__)
-
-StateDict = dict[str, torch.Tensor]
 
 #: hub (transformers 4.x) name fragment ↔ transformers-5 fragment, for DINOv2 attention.
 _HUB_TO_TF5 = (
@@ -54,77 +56,9 @@ _HUB_TO_TF5 = (
     (".attention.attention.value.", ".attention.v_proj."),
     (".attention.output.dense.", ".attention.o_proj."),
 )
-_LIST_LIMIT = 12
 
 
 # ---------------------------------------------------------------------------------- file reading
-def _torch_load(path: Path, what: str) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - every failure becomes one clear WeightsError
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
-            hint = (
-                "it holds Python objects other than tensors, which are not loaded for safety; "
-                "use the original file or re-save only its tensors"
-            )
-        else:
-            hint = "the file is corrupt, truncated or not a PyTorch file; download it again"
-        raise WeightsError(f"cannot read the {what} {path}: {hint} ({type(exc).__name__}: {text})") from exc
-
-
-def _check_file(path: str | os.PathLike[str], what: str) -> Path:
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise WeightsError(f"the {what} {p} does not exist; check the path or download the weights")
-    if p.is_file() and p.stat().st_size == 0:
-        raise WeightsError(f"the {what} {p} is empty (0 bytes); download it again")
-    return p
-
-
-def _tensor_dict(obj: Any, path: Path, what: str) -> StateDict:
-    if not isinstance(obj, Mapping) or not obj:
-        raise WeightsError(f"the {what} {path} does not hold a state dict (found {type(obj).__name__})")
-    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if bad:
-        raise WeightsError(
-            f"the {what} {path} is not a state dict: entries {_short(map(str, bad))} are not named tensors"
-        )
-    return dict(obj)
-
-
-def strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
-    """Remove the ``module.`` prefix (DistributedDataParallel) from the keys that have it."""
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state_dict.items()}
-
-
-def load_official_checkpoint(path: str | os.PathLike[str]) -> StateDict:
-    """Read the official ``cdpdnet.pth`` and return the CDPDNet state dict (official key names).
-
-    The file is loaded with ``weights_only=True`` on the CPU. The state dict is taken from
-    ``checkpoint["net"]`` (a bare state dict is accepted too) and ``module.`` is stripped from the
-    keys that start with it. Raises :class:`WeightsError` for a missing, corrupt, truncated or
-    foreign file; whether the tensors fit the model is checked by :func:`build_from_official`.
-    """
-    what = "CDPDNet checkpoint"
-    p = _check_file(path, what)
-    if p.is_dir():
-        raise WeightsError(f"the {what} {p} is a folder; pass the cdpdnet.pth file inside it")
-    obj = _torch_load(p, what)
-    if isinstance(obj, Mapping) and "net" in obj:
-        obj = obj["net"]
-    elif isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    elif isinstance(obj, Mapping) and obj and not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(
-            f"the {what} {p} has no 'net' entry (top-level keys: {_short(map(str, obj))}); "
-            "expected the official training checkpoint cdpdnet.pth from jwu2009/CDPDNet"
-        )
-    sd = strip_module_prefix(_tensor_dict(obj, p, what))
-    logger.info("read %d tensors from %s", len(sd), p)
-    return sd
-
-
 def load_dino_state_dict(path: str | os.PathLike[str]) -> StateDict:
     """Read DINOv2 weights (``.safetensors``, ``.bin``/``.pth`` or a snapshot folder) in hub names.
 
@@ -132,7 +66,7 @@ def load_dino_state_dict(path: str | os.PathLike[str]) -> StateDict:
     returned in hub names (``encoder.layer.N.attention.attention.query.weight``, ...).
     """
     what = "DINOv2 weights file"
-    p = _check_file(path, what)
+    p = check_file(path, what)
     if p.is_dir():
         for name in ("model.safetensors", "pytorch_model.bin"):
             if (p / name).is_file():
@@ -154,10 +88,10 @@ def load_dino_state_dict(path: str | os.PathLike[str]) -> StateDict:
                 f"download it again ({type(exc).__name__}: {exc})"
             ) from exc
     else:
-        obj = _torch_load(p, what)
+        obj = read_torch_file(p, what)
         if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
             obj = obj["model"]
-    sd = normalise_dino_keys(_tensor_dict(obj, p, what))
+    sd = normalise_dino_keys(as_state_dict(obj, p, what))
     logger.info("read %d DINOv2 tensors from %s", len(sd), p)
     return sd
 
@@ -341,12 +275,6 @@ def infer_config(
 
 
 # -------------------------------------------------------------------------------- strict check
-def _short(items: Any, limit: int = _LIST_LIMIT) -> str:
-    items = list(items)
-    shown = ", ".join(items[:limit])
-    return shown + (f" ... and {len(items) - limit} more" if len(items) > limit else "")
-
-
 def _check_keys(
     expected: Mapping[str, torch.Size], given: Mapping[str, torch.Tensor], what: str, hint: str
 ) -> None:
@@ -361,11 +289,11 @@ def _check_keys(
         return
     parts = []
     if missing:
-        parts.append(f"{len(missing)} missing keys: {_short(missing)}")
+        parts.append(f"{len(missing)} missing keys: {short_list(missing)}")
     if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys: {_short(unexpected)}")
+        parts.append(f"{len(unexpected)} unexpected keys: {short_list(unexpected)}")
     if mismatched:
-        parts.append(f"{len(mismatched)} shape mismatches: {_short(mismatched)}")
+        parts.append(f"{len(mismatched)} shape mismatches: {short_list(mismatched)}")
     raise WeightsError(f"the {what} does not fit the model: " + "; ".join(parts) + f". {hint}")
 
 

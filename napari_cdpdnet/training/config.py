@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_cdpdnet.errors import InputError, VocabularyError
+from napari_cdpdnet.extras import import_extra
 
 __all__ = [
     "CaseSpec",
@@ -411,13 +412,9 @@ def load_config(path: str | os.PathLike[str]) -> TrainConfig:
     if not p.is_file():
         raise InputError(f"training config {p} does not exist")
     text = p.read_text(encoding="utf-8")
+    yaml = None if p.suffix.lower() == ".json" else import_extra("yaml", "train", f"the YAML training config {p}")
     try:
-        if p.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
+        data = json.loads(text) if yaml is None else yaml.safe_load(text)
     except (ValueError, Exception) as exc:  # yaml.YAMLError or json.JSONDecodeError
         raise InputError(f"training config {p}: not valid {'JSON' if p.suffix.lower() == '.json' else 'YAML'}: {exc}") from None
     cfg = parse_config(data if data is not None else {}, p.parent.resolve())

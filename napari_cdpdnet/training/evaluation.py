@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_cdpdnet.errors import InputError
+from napari_cdpdnet.extras import import_extra
 from napari_cdpdnet.geometry import Geometry
 
 __all__ = [
@@ -245,8 +246,7 @@ def write_scores_csv(path: str | os.PathLike[str], rows: Sequence[StructureScore
 def plot_scores(path: str | os.PathLike[str], rows: Sequence[StructureScore], *,
                 title: str = "", overwrite: bool = False) -> Path:
     """Bar plot (PNG) of Dice and HD95 per structure; undefined values are left out."""
-    import matplotlib
-
+    matplotlib = import_extra("matplotlib", "train", "plotting scores (cdpdnet evaluate --plot)")
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 

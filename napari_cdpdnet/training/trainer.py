@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from napari_cdpdnet.errors import Cancelled, InputError, WeightsError
+from napari_cdpdnet.extras import import_extra
 from napari_cdpdnet.training.config import TrainConfig
 from napari_cdpdnet.training.loss import LossTerms, partial_label_loss
 from napari_cdpdnet.training.schedule import LinearWarmupCosineAnnealingLR
@@ -82,19 +83,6 @@ class DistInfo:
         return cls(rank, local, world)
 
 
-def _load_text_embeddings(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    out = []
-    for name in ("txt_encoding.pth", "txt_task_encoding.pth"):
-        p = folder / name
-        if not p.is_file():
-            raise InputError(f"text_embeddings: {p} not found (need txt_encoding.pth and txt_task_encoding.pth)")
-        t = torch.load(p, map_location="cpu", weights_only=True)
-        if not isinstance(t, torch.Tensor):
-            raise InputError(f"text_embeddings: {p} does not hold a tensor")
-        out.append(t.float())
-    return out[0], out[1]
-
-
 def build_training_model(
     config: TrainConfig, architecture: CDPDNetConfig | None = None,
 ) -> tuple[torch.nn.Module, bool]:
@@ -112,6 +100,7 @@ def build_training_model(
         load_official_checkpoint,
     )
     from napari_cdpdnet.model.convert import dino_hub_to_transformers, normalise_dino_keys
+    from napari_cdpdnet.model.text import load_text_embedding_tables
 
     if config.init is not None:
         if config.dino is None:
@@ -124,7 +113,7 @@ def build_training_model(
         arch = CDPDNetConfig.tiny() if config.model == "tiny" else CDPDNetConfig.official()
     model = build_model(arch, seed=config.seed)
     if config.text_embeddings is not None:
-        organ, task = _load_text_embeddings(config.text_embeddings)
+        organ, task = load_text_embedding_tables(config.text_embeddings)
         try:
             model.net.set_text_embeddings(organ, task)
         except ValueError as exc:
@@ -317,6 +306,7 @@ class Trainer:
 
     def setup(self) -> None:
         """Build model, optimiser, scheduler and data; load ``resume`` when set."""
+        import_extra("monai", "train", "training (cdpdnet train)")
         from monai.utils import set_determinism
 
         self._init_distributed()
@@ -354,15 +344,14 @@ class Trainer:
         self.loader, self.sampler = self._loader()
 
     def _resume(self, model: torch.nn.Module, path: Path) -> None:
-        from napari_cdpdnet.model import load_official_checkpoint
+        from napari_cdpdnet.model.checkpoint import read_checkpoint
 
-        sd = load_official_checkpoint(path)
+        sd, ckpt = read_checkpoint(path)
         try:
             model.net.load_state_dict(sd, strict=True)
         except RuntimeError as exc:
             raise WeightsError(f"resume: {path} does not fit this model: {exc}") from None
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(ckpt, dict) or ckpt.get("optimizer") is None or ckpt.get("scheduler") is None:
+        if ckpt.get("optimizer") is None or ckpt.get("scheduler") is None:
             raise WeightsError(f"resume: {path} has no optimizer/scheduler state (not a training checkpoint)")
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])

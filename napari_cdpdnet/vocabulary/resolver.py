@@ -6,8 +6,8 @@ Matching runs offline, in this order, and stops at the first confident answer:
 2. synonym: curated synonyms, abbreviations, other spellings and languages ("IVC", "GB",
    "L kidney", "oesophagus", "rein gauche"), and parts of a structure ("portal vein");
 3. fuzzy: typos ("pancraes", "gallblader"), scored by string similarity;
-4. clip (only with a :class:`ClipScorer`): cosine similarity of CLIP's embedding of
-   "A computerized tomography of a {text}" to the checkpoint's 32 fixed organ embeddings.
+4. clip (only with a :class:`~napari_cdpdnet.model.text.ClipScorer`): cosine similarity of CLIP's
+   embedding of "A computerized tomography of a {text}" to the checkpoint's 32 fixed organ embeddings.
 
 Below ``threshold`` it refuses with suggestions: a refusal is an answer ("brain" is not one of
 the 32 structures). Whatever is typed, the network computes the same 32 outputs with the same
@@ -24,30 +24,24 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from difflib import SequenceMatcher
 from functools import lru_cache
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Protocol
 
-from napari_cdpdnet.errors import VocabularyError, WeightsError
+from napari_cdpdnet.errors import VocabularyError
 from napari_cdpdnet.vocabulary.catalog import (
-    PROMPT_TEMPLATE,
     SPECIAL_TERMS,
     STRUCTURES,
     Structure,
 )
 
-if TYPE_CHECKING:  # pragma: no cover
-    import numpy as np
-
 __all__ = [
     "Resolution",
     "UnresolvedStructure",
-    "ClipScorer",
+    "TextScorer",
     "DEFAULT_THRESHOLD",
     "METHODS",
     "resolve",
     "resolve_many",
     "normalize",
-    "load_organ_embedding",
 ]
 
 logger = logging.getLogger(__name__)
@@ -485,7 +479,7 @@ def _compact_table() -> dict[str, _Entry]:
 def resolve(
     text: str,
     *,
-    clip_scorer: ClipScorer | None = None,
+    clip_scorer: TextScorer | None = None,
     threshold: float = DEFAULT_THRESHOLD,
 ) -> Resolution:
     """Resolve one phrase to one of the 32 structures, or refuse with suggestions.
@@ -554,6 +548,18 @@ def resolve(
     )
 
 
+class TextScorer(Protocol):
+    """Scores of a text against the 32 structures, in structure order: the CLIP stage's input.
+
+    :class:`napari_cdpdnet.model.text.ClipScorer` is the one in use; the caller builds it (and
+    so loads CLIP), which keeps this module torch-free.
+    """
+
+    def similarities(self, text: str) -> Iterable[float]: ...
+
+    def probabilities(self, text: str) -> Iterable[float]: ...
+
+
 @dataclass(frozen=True)
 class _ClipRanking:
     """The 32 structures ordered by CLIP probability for one text."""
@@ -563,7 +569,7 @@ class _ClipRanking:
     cosines: tuple[float, ...]
 
     @classmethod
-    def of(cls, text: str, scorer: ClipScorer) -> _ClipRanking:
+    def of(cls, text: str, scorer: TextScorer) -> _ClipRanking:
         probs = [float(p) for p in scorer.probabilities(text)]
         cos = [float(c) for c in scorer.similarities(text)]
         order = sorted(range(len(probs)), key=lambda i: -probs[i])
@@ -636,7 +642,7 @@ def _expand_sides(pieces: list[str]) -> list[str]:
 def resolve_many(
     text_or_list: str | Iterable[str],
     *,
-    clip_scorer: ClipScorer | None = None,
+    clip_scorer: TextScorer | None = None,
     threshold: float = DEFAULT_THRESHOLD,
 ) -> list[Resolution]:
     """Resolve a list ("liver, left kidney and spleen") into structures, in order, without repeats.
@@ -711,138 +717,3 @@ def _resolved(phrase: str, hits: list[Structure]) -> list[Resolution]:
         )
         for s in hits
     ]
-
-
-# --------------------------------------------------------------------------- CLIP
-def load_organ_embedding(checkpoint: str | Path) -> np.ndarray:
-    """The fixed ``organ_embedding`` buffer [32, 512] of a CDPDNet checkpoint, as float32.
-
-    Accepts the official training format (``{"net": state_dict}`` with a ``module.`` prefix) and
-    plain state dicts. Memory-maps the file, so only this buffer is read.
-    """
-    import numpy as np
-    import torch
-
-    path = Path(checkpoint)
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is a weights problem
-        raise WeightsError(
-            f"{path}: cannot read the checkpoint ({type(exc).__name__}: {exc})"
-        ) from exc
-    state: Any = obj.get("net", obj.get("state_dict", obj)) if isinstance(obj, dict) else None
-    if not isinstance(state, dict):
-        raise WeightsError(f"{path}: not a CDPDNet checkpoint (no state dict inside)")
-    keys = [k for k in state if k == "organ_embedding" or k.endswith(".organ_embedding")]
-    if not keys:
-        raise WeightsError(
-            f"{path}: no organ_embedding in the checkpoint; is it a CDPDNet checkpoint?"
-        )
-    emb = state[keys[0]]
-    if tuple(emb.shape) != (len(STRUCTURES), 512):
-        raise WeightsError(
-            f"{path}: organ_embedding has shape {tuple(emb.shape)}, expected (32, 512)"
-        )
-    return np.asarray(emb.detach().float().cpu().numpy(), dtype=np.float32)
-
-
-class ClipScorer:
-    """Scores free text against the checkpoint's 32 fixed organ embeddings with CLIP ViT-B/32.
-
-    The typed text goes through the official template ("A computerized tomography of a
-    {text}") and CLIP's text tower; its cosine similarity to each of the 32 organ embeddings
-    (computed by the authors from the official names with the same template) ranks the
-    structures, and CLIP's own logit scale turns the cosines into probabilities. This only
-    ranks the fixed 32 structures: the model's text conditioning does not depend on the query.
-
-    Nothing is loaded until the first score is asked for. Give ``model`` (an open_clip model)
-    and ``organ_embeddings`` directly, or let them come from the weights (``clip_weights``,
-    ``checkpoint``, resolved through :mod:`napari_cdpdnet.weights`).
-    """
-
-    def __init__(
-        self,
-        model: Any = None,
-        organ_embeddings: Any = None,
-        *,
-        tokenizer: Any = None,
-        clip_weights: str | Path | None = None,
-        checkpoint: str | Path | None = None,
-        allow_download: bool = False,
-    ) -> None:
-        self._model = model
-        self._organ = organ_embeddings
-        self._tokenizer = tokenizer
-        self._clip_weights = clip_weights
-        self._checkpoint = checkpoint
-        self._allow_download = allow_download
-        self._cache: dict[str, Any] = {}
-
-    def _ensure(self) -> None:
-        import numpy as np
-        import torch
-
-        if self._model is None:
-            import open_clip
-
-            from napari_cdpdnet.weights import resolve_clip
-
-            path = resolve_clip(self._clip_weights, allow_download=self._allow_download)
-            logger.info("loading CLIP ViT-B/32 text tower from %s", path)
-            try:
-                self._model = open_clip.create_model(
-                    "ViT-B-32", pretrained=str(path), force_quick_gelu=True
-                )
-            except Exception as exc:  # noqa: BLE001 - the file passed its checks but does not load
-                raise WeightsError(
-                    f"{path}: not usable as open_clip ViT-B-32 weights ({exc})"
-                ) from exc
-        self._model.eval()
-        if self._tokenizer is None:
-            import open_clip
-
-            self._tokenizer = open_clip.get_tokenizer("ViT-B-32")
-        if self._organ is None:
-            from napari_cdpdnet.weights import resolve_checkpoint
-
-            self._organ = load_organ_embedding(
-                resolve_checkpoint(self._checkpoint, allow_download=self._allow_download)
-            )
-        organ = torch.as_tensor(np.asarray(self._organ, dtype=np.float32))
-        if tuple(organ.shape) != (len(STRUCTURES), 512):
-            raise WeightsError(
-                f"organ embeddings have shape {tuple(organ.shape)}, expected (32, 512)"
-            )
-        self._organ_unit = torch.nn.functional.normalize(organ, dim=-1)
-
-    @property
-    def logit_scale(self) -> float:
-        """CLIP's learned temperature (100 for the OpenAI weights)."""
-        self._ensure()
-        scale = getattr(self._model, "logit_scale", None)
-        return float(scale.detach().exp()) if scale is not None else 100.0
-
-    def similarities(self, text: str) -> np.ndarray:
-        """Cosine similarity of the prompted text to each of the 32 organ embeddings, [32]."""
-        key = " ".join(text.split())
-        if key not in self._cache:
-            import torch
-
-            self._ensure()
-            tokens = self._tokenizer([PROMPT_TEMPLATE.format(key)])
-            with torch.inference_mode():
-                emb = self._model.encode_text(tokens).float()
-            unit = torch.nn.functional.normalize(emb, dim=-1)
-            self._cache[key] = (unit @ self._organ_unit.T)[0].cpu().numpy()
-        return self._cache[key]
-
-    def probabilities(self, text: str) -> np.ndarray:
-        """Softmax over the 32 structures of ``logit_scale`` x cosine, [32]."""
-        import numpy as np
-
-        logits = self.logit_scale * self.similarities(text).astype(np.float64)
-        e = np.exp(logits - logits.max())
-        return e / e.sum()
