@@ -230,6 +230,16 @@ def test_required_channels_include_post_processing_companions() -> None:
     assert plan_passes(["liver_tumor", "prostate"]).passes[0].channels == {26, 5}
 
 
+def test_counts_match_the_official_checkpoint() -> None:
+    """The vocabulary owns the counts; the checkpoint's architecture must agree with them."""
+    pytest.importorskip("torch")
+    from napari_cdpdnet.model.config import CDPDNetConfig
+
+    official = CDPDNetConfig.official()
+    assert official.num_classes == official.num_organs == len(STRUCTURES)
+    assert official.num_tasks == len(TASKS)
+
+
 def test_vocabulary_is_torch_free() -> None:
     code = (
         "import sys, napari_cdpdnet.vocabulary.catalog as v, napari_cdpdnet.vocabulary.resolver as r\n"

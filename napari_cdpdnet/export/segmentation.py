@@ -54,12 +54,11 @@ logger = logging.getLogger(__name__)
 #: SNOMED-CT "Tissue", the generic category/type for labels that are not CDPDNet structures.
 TISSUE = ("85756007", "SCT", "Tissue")
 
-_N_STRUCTURES = 32
-
-
 def is_structure_value(value: int) -> bool:
     """True when ``value`` can be a CDPDNet structure index."""
-    return 1 <= int(value) <= _N_STRUCTURES
+    from napari_cdpdnet.vocabulary.catalog import STRUCTURES
+
+    return 1 <= int(value) <= len(STRUCTURES)
 
 
 def _check_shapes(labels: np.ndarray, geometry: Geometry, image: np.ndarray | None) -> np.ndarray:

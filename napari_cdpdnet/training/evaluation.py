@@ -120,10 +120,10 @@ def _same_grid(a: Geometry, b: Geometry) -> bool:
 
 def _name(pred_value: int, numbering: str) -> str:
     if numbering == "cdpdnet":
-        from napari_cdpdnet.vocabulary.catalog import structure
+        from napari_cdpdnet.vocabulary.catalog import STRUCTURES
 
-        if 1 <= pred_value <= 32:
-            return structure(pred_value).name
+        if 1 <= pred_value <= len(STRUCTURES):
+            return STRUCTURES[pred_value - 1].name
     return f"label {pred_value}"
 
 
@@ -139,8 +139,8 @@ def evaluate_labels(
             direction within 1e-3), because scores are computed on the source grid.
         mapping: pred value -> reference values forming the same structure. Default: every
             non-zero value present in either map, compared with itself.
-        numbering: ``"cdpdnet"`` names pred values 1..32 by structure; anything else gives
-            ``label N``.
+        numbering: ``"cdpdnet"`` names pred values that are structure indices by structure;
+            anything else gives ``label N``.
 
     Raises:
         InputError: different grids, or a mapping value that is not a positive integer.
