@@ -166,7 +166,7 @@ def _accept(text: str, entry: Entry, q: Query, *, score: float, fuzzy: bool) -> 
         nearest = entry.structures
         hint = f" Nearest: {_names(nearest)}." if nearest else ""
         raise UnresolvedStructure(
-            f"{text!r} is not one of the 32 structures CDPDNet segments{note}.{hint} "
+            f"{text!r} is not one of the {len(STRUCTURES)} structures CDPDNet segments{note}.{hint} "
             "Run `cdpdnet structures` for the list.",
             text=text,
             kind="not_supported",
@@ -319,7 +319,7 @@ def resolve(
         why = f"{why}; {clip_why}" if why else clip_why
     nearest = f" Nearest: {_names(suggestions)}." if suggestions else ""
     raise UnresolvedStructure(
-        f"{text!r} is not one of the 32 structures CDPDNet segments ({why}).{nearest} "
+        f"{text!r} is not one of the {len(STRUCTURES)} structures CDPDNet segments ({why}).{nearest} "
         "Run `cdpdnet structures` for the list.",
         text=text,
         kind="unknown",
