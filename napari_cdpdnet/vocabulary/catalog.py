@@ -294,12 +294,12 @@ SPECIAL_TERMS: tuple[SpecialTerm, ...] = _load_terms()
 def _load_postprocess_roles() -> Mapping[str, Any]:
     """postprocess.json by structure index, with what each rule reads besides its own mask."""
     data = load_json("postprocess.json")
+    by_key = {s.key: s.index for s in STRUCTURES}
 
     def index(key: str) -> int:
-        found = _BY_NAME.get(str(key).casefold())
-        if found is None or found.key != key:
+        if key not in by_key:
             raise RuntimeError(f"postprocess.json: {key!r} is not a structure key")
-        return found.index
+        return by_key[key]
 
     vein, pancreas = index(data["portal_vein"]["vein"]), index(data["portal_vein"]["cut_below"])
     right, left = index(data["lungs"]["right"]), index(data["lungs"]["left"])
