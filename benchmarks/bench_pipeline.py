@@ -107,6 +107,7 @@ def child(args: argparse.Namespace) -> dict:
 
     from napari_cdpdnet.inference.devices import resolve_device
     from napari_cdpdnet.inference.pipeline import segment_array
+    from napari_cdpdnet.inference.segmenter import postprocess_rules
     from napari_cdpdnet.inference.settings import SegmentationSettings
 
     if args.threads:
@@ -125,7 +126,8 @@ def child(args: argparse.Namespace) -> dict:
     settings = SegmentationSettings(preset=args.preset, device=args.device)
     predictor = load_factory(args.predictor)(resolve_device(args.device))
     baseline = rss_mb()
-    result = segment_array(array, geometry, [(args.task, args.channels)], predictor, settings)
+    result = segment_array(array, geometry, [(args.task, args.channels)], predictor, settings,
+                           rules=postprocess_rules())
     if args.save:
         import numpy as np
 

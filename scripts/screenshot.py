@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     from napari_cdpdnet._gui import layers as _layers
     from napari_cdpdnet._gui.launch import dock_widgets
     from napari_cdpdnet.io.images import read_label_map
-    from napari_cdpdnet.training.demo import totalseg_to_cdpdnet
     from napari_cdpdnet.vocabulary.catalog import structure
+    from napari_cdpdnet.vocabulary.labelmaps import TOTALSEGMENTATOR_TOTAL, remap
 
     _register_manifest()
     viewer = napari.Viewer(show=True, title="napari-cdpdnet")
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     keys = ["liver", "spleen", "right_kidney", "left_kidney", "stomach", "pancreas", "aorta",
             "inferior_vena_cava", "gallbladder"]
     structures = [structure(k) for k in keys]
-    mapped = totalseg_to_cdpdnet(reference)
+    mapped = remap(reference, TOTALSEGMENTATOR_TOTAL)
     mapped[~np.isin(mapped, [s.index for s in structures])] = 0
     data, kwargs, _ = _layers.labels_layer_data(
         mapped, geometry, structures, image_layer=image.name, source_path=str(seg_path),

@@ -18,7 +18,7 @@ from napari_cdpdnet.training.evaluation import (
     dice,
     evaluate_labels,
     hd95_mm,
-    parse_mapping,
+    parse_pred_ref,
 )
 
 SEG = ("data", "totalsegmentator", "example_seg_full.nii.gz")
@@ -94,12 +94,12 @@ def test_cli_reference_against_itself(shared_path, tmp_path: Path, capsys) -> No
 
 def test_cli_other_numbering_with_merged_lobes(shared_path, tmp_path: Path) -> None:
     """A CDPDNet-numbered prediction against TotalSegmentator values (lobes merged into lungs)."""
-    from napari_cdpdnet.training.demo import totalseg_to_cdpdnet
+    from napari_cdpdnet.vocabulary.labelmaps import TOTALSEGMENTATOR_TOTAL, remap
 
     seg = shared_path(*SEG)
     labels, geom = read_label_map(seg)
     pred = tmp_path / "pred.nii.gz"
-    write_label_map(pred, totalseg_to_cdpdnet(labels), geom)
+    write_label_map(pred, remap(labels, TOTALSEGMENTATOR_TOTAL), geom)
     out = tmp_path / "s.csv"
     rc = main(["evaluate", "--pred", str(pred), "--ref", str(seg), "--map", "liver:5",
                "--map", "16:12,13,14", "--map", "right_kidney:2", "-o", str(out)])
@@ -123,9 +123,9 @@ def test_cli_errors(shared_path, tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "b.csv").exists()
 
 
-def test_parse_mapping() -> None:
-    assert parse_mapping(["6:5", "16:12,13,14", "spleen:1"]) == {6: [5], 16: [12, 13, 14], 1: [1]}
+def test_parse_pred_ref() -> None:
+    assert parse_pred_ref(["6:5", "16:12,13,14", "spleen:1"]) == {6: [5], 16: [12, 13, 14], 1: [1]}
     with pytest.raises(Exception, match="mapped twice"):
-        parse_mapping(["6:5", "liver:7"])
+        parse_pred_ref(["6:5", "liver:7"])
     with pytest.raises(Exception, match="not a CDPDNet structure"):
-        parse_mapping(["kidneys:2"])
+        parse_pred_ref(["kidneys:2"])

@@ -13,8 +13,10 @@ from napari_cdpdnet.geometry import Geometry
 from napari_cdpdnet.inference.devices import resolve_device
 from napari_cdpdnet.inference.pipeline import ProgressEvent, segment_array
 from napari_cdpdnet.inference.postprocess import merge_labels, postprocess
+from napari_cdpdnet.inference.segmenter import postprocess_rules
 from napari_cdpdnet.inference.settings import SegmentationSettings
 from napari_cdpdnet.inference.sliding_window import importance_map
+from napari_cdpdnet.vocabulary.catalog import TASKS
 
 torch = pytest.importorskip("torch")
 sitk = pytest.importorskip("SimpleITK")
@@ -69,6 +71,9 @@ def small_ct(shared_path) -> tuple[np.ndarray, Geometry]:
 
 
 CPU = SegmentationSettings(device="cpu")
+#: The official post-processing roles and task count, as the segmenter passes them.
+RULES = postprocess_rules()
+OFFICIAL = {"rules": RULES, "num_tasks": len(TASKS)}
 
 
 # --------------------------------------------------------------------------- real CT
@@ -80,7 +85,8 @@ def test_real_ct_gives_requested_labels_on_the_source_grid(small_ct) -> None:
     # liver + spleen with one task; vein (needs pancreas), right lung (needs left), kidney tumour
     # (needs kidneys) with another
     passes = [(1, [5, 0]), (0, [9, 15, 25])]
-    result = segment_array(array, geometry, passes, predictor, CPU, progress=events.append)
+    result = segment_array(array, geometry, passes, predictor, CPU, progress=events.append,
+                           **OFFICIAL)
 
     assert result.labels.shape == geometry.shape and result.labels.dtype == np.uint8
     assert result.geometry.same_grid(geometry)
@@ -105,7 +111,7 @@ def test_fast_preset_runs_fewer_windows(small_ct) -> None:
     array, geometry = small_ct
     predictor = Recorder(TinyModel())
     fast = segment_array(array, geometry, [(7, [5])], predictor,
-                         SegmentationSettings(preset="fast", device="cpu"))
+                         SegmentationSettings(preset="fast", device="cpu"), **OFFICIAL)
     # overlap 0.25: 4·3·1 windows instead of 5·3·1 (none of them holds only air here)
     assert fast.windows_total == 12
     assert fast.windows == predictor.windows == 12
@@ -119,7 +125,7 @@ def test_roi_limits_windows_and_labels(shared_path) -> None:
     roi = (tuple(centre - 20), tuple(centre + 20))
     predictor = Recorder(TinyModel())
     result = segment_array(array, geometry, [(0, [5])], predictor,
-                           SegmentationSettings(device="cpu", roi=roi))
+                           SegmentationSettings(device="cpu", roi=roi), **OFFICIAL)
     # a 40 mm box meets at most 3 windows per axis; the whole image needs 5·3·5 + … = 80
     assert result.windows == predictor.windows <= 27 < result.windows_total == 80
     # labels only inside the box (voxel centres within 20 mm of the centre on every axis)
@@ -141,7 +147,7 @@ def official_reference(array: np.ndarray, geometry: Geometry, model, task: int, 
             lambda x: model(x, torch.full((x.shape[0],), task, dtype=torch.int64)),
             overlap=0.5, mode="gaussian", roi_weight_map=importance_map())[0]
     raw = {c + 1: (torch.sigmoid(logits[c]) > 0.5).numpy() for c in range(32)}
-    merged = merge_labels(postprocess(raw, structures))
+    merged = merge_labels(postprocess(raw, structures, RULES), RULES)
     return monai_invert(array, geometry, merged, nearest=True).astype(np.uint8)
 
 
@@ -158,7 +164,8 @@ def test_exact_mode_equals_the_official_chain() -> None:
     array = (array + rng.normal(0, 20, geometry.shape)).astype(np.int16)
     model = TinyModel(seed=3)
     structures = [6, 10, 16, 26, 15]
-    ours = segment_array(array, geometry, [(2, [s - 1 for s in structures])], model, CPU)
+    ours = segment_array(array, geometry, [(2, [s - 1 for s in structures])], model, CPU,
+                         **OFFICIAL)
     ref = official_reference(array, geometry, model, 2, structures)
     assert set(np.unique(ref)) - {0}, "reference found nothing: the test would be vacuous"
     np.testing.assert_array_equal(ours.labels, ref)
@@ -171,7 +178,8 @@ def test_probabilities_on_the_source_grid() -> None:
     rng = np.random.default_rng(1)
     array = rng.normal(0, 150, geometry.shape).astype(np.int16)
     result = segment_array(array, geometry, [(0, [5, 26])], TinyModel(1),
-                           SegmentationSettings(device="cpu", return_probabilities=True))
+                           SegmentationSettings(device="cpu", return_probabilities=True),
+                           **OFFICIAL)
     assert sorted(result.probabilities) == [6, 27]
     for s, p in result.probabilities.items():
         assert p.shape == geometry.shape and p.dtype == np.float32
@@ -195,7 +203,7 @@ def test_cancel_stops_within_one_window_and_returns_nothing(small_ct) -> None:
     with pytest.raises(Cancelled, match="after 2 of"):
         segment_array(array, geometry, [(0, [5])], predictor,
                       SegmentationSettings(device="cpu", threads=1),
-                      progress=progress, should_stop=lambda: stop["now"])
+                      progress=progress, should_stop=lambda: stop["now"], **OFFICIAL)
     assert predictor.windows == 2
     assert torch.get_num_threads() == threads  # the thread setting is restored
 
@@ -205,7 +213,7 @@ def test_cancel_before_start() -> None:
     predictor = Recorder(TinyModel())
     with pytest.raises(Cancelled):
         segment_array(np.zeros(geometry.shape, np.int16), geometry, [(0, [5])], predictor, CPU,
-                      should_stop=lambda: True)
+                      should_stop=lambda: True, **OFFICIAL)
     assert predictor.windows == 0
 
 
@@ -220,18 +228,22 @@ def test_cancel_before_start() -> None:
 def test_bad_passes(passes, match) -> None:
     geometry = Geometry.identity((10, 10, 10))
     with pytest.raises(InputError, match=match):
-        segment_array(np.zeros(geometry.shape, np.int16), geometry, passes, TinyModel(), CPU)
+        segment_array(np.zeros(geometry.shape, np.int16), geometry, passes, TinyModel(), CPU,
+                      **OFFICIAL)
 
 
 def test_bad_arrays_and_settings() -> None:
     geometry = Geometry.identity((10, 10, 10))
     with pytest.raises(InputError, match="does not match"):
-        segment_array(np.zeros((10, 10, 11), np.int16), geometry, [(0, [5])], TinyModel(), CPU)
+        segment_array(np.zeros((10, 10, 11), np.int16), geometry, [(0, [5])], TinyModel(), CPU,
+                      **OFFICIAL)
     with pytest.raises(InputError, match="no voxel above"):
-        segment_array(np.full(geometry.shape, -1000, np.int16), geometry, [(0, [5])], TinyModel(), CPU)
+        segment_array(np.full(geometry.shape, -1000, np.int16), geometry, [(0, [5])], TinyModel(), CPU,
+                      **OFFICIAL)
     with pytest.raises(InputError, match="does not overlap"):
         segment_array(np.zeros(geometry.shape, np.int16), geometry, [(0, [5])], TinyModel(),
-                      SegmentationSettings(device="cpu", roi=((500, 500, 500), (600, 600, 600))))
+                      SegmentationSettings(device="cpu", roi=((500, 500, 500), (600, 600, 600))),
+                      **OFFICIAL)
     with pytest.raises(InputError, match="preset"):
         SegmentationSettings(preset="quick")
     with pytest.raises(InputError, match="overlap"):
@@ -288,5 +300,6 @@ def test_a_model_in_training_mode_is_flagged(caplog) -> None:
     geometry = Geometry.identity((10, 10, 10), (1.5, 1.5, 1.5))
     model = TinyModel().train()
     with caplog.at_level("WARNING", logger="napari_cdpdnet.inference.pipeline"):
-        segment_array(np.zeros(geometry.shape, np.int16), geometry, [(0, [5])], model, CPU)
+        segment_array(np.zeros(geometry.shape, np.int16), geometry, [(0, [5])], model, CPU,
+                      **OFFICIAL)
     assert "training mode" in caplog.text

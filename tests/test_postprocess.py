@@ -10,6 +10,7 @@ from scipy import ndimage
 
 from napari_cdpdnet.errors import InputError
 from napari_cdpdnet.inference.postprocess import (
+    PostprocessRules,
     channels_needed,
     companions,
     cut_portal_vein,
@@ -20,8 +21,11 @@ from napari_cdpdnet.inference.postprocess import (
     postprocess,
     split_lungs,
 )
+from napari_cdpdnet.inference.segmenter import postprocess_rules
 
 SHAPE = (30, 24, 20)
+#: The official roles, from resources/postprocess.json through the vocabulary.
+RULES = postprocess_rules()
 
 
 def box(*slices: slice, shape=SHAPE) -> np.ndarray:
@@ -100,7 +104,7 @@ def test_portal_vein_uses_the_post_processed_pancreas() -> None:
     vein = box(slice(10, 12), slice(5, 20), slice(0, 20))
     pancreas = box(slice(5, 25), slice(10, 14), slice(8, 12))
     stray = box(slice(26, 28), slice(0, 2), slice(1, 2))  # a false positive far below
-    out = postprocess({10: vein, 11: pancreas | stray}, [10, 11])
+    out = postprocess({10: vein, 11: pancreas | stray}, [10, 11], RULES)
     np.testing.assert_array_equal(out[11], pancreas)
     np.testing.assert_array_equal(out[10], vein & (np.indices(SHAPE)[2] >= 8))
 
@@ -146,7 +150,7 @@ def test_kidney_tumour_keeps_both_kidneys_and_matches_the_whole_array_rule() -> 
 def test_postprocess_returns_only_requested_structures() -> None:
     rng = np.random.default_rng(1)
     raw = {s: rng.random(SHAPE) > 0.6 for s in (2, 3, 6, 15, 16, 17, 26)}
-    out = postprocess(raw, [15, 26, 6])
+    out = postprocess(raw, [15, 26, 6], RULES)
     assert sorted(out) == [6, 15, 26]
     np.testing.assert_array_equal(out[15], raw[15])  # hepatic vessel: raw
     np.testing.assert_array_equal(out[6], keep_largest_components(raw[6]))
@@ -157,17 +161,17 @@ def test_postprocess_returns_only_requested_structures() -> None:
 def test_postprocess_needs_the_companions() -> None:
     raw = {26: np.ones(SHAPE, bool), 2: np.ones(SHAPE, bool)}
     with pytest.raises(InputError, match=r"\[3\]"):
-        postprocess(raw, [26])
+        postprocess(raw, [26], RULES)
     with pytest.raises(InputError, match="outside"):
-        postprocess(raw, [33])
+        postprocess(raw, [33], RULES)
 
 
 def test_companions_and_channels() -> None:
-    assert companions([10]) == {11}
-    assert companions([16]) == {17} and companions([17, 16]) == set()
-    assert companions([26, 27]) == {2, 3, 6}
-    assert companions([1, 28]) == set()
-    assert channels_needed([10, 26]) == [1, 2, 9, 10, 25]
+    assert companions([10], RULES) == {11}
+    assert companions([16], RULES) == {17} and companions([17, 16], RULES) == set()
+    assert companions([26, 27], RULES) == {2, 3, 6}
+    assert companions([1, 28], RULES) == set()
+    assert channels_needed([10, 26], RULES) == [1, 2, 9, 10, 25]
 
 
 # --------------------------------------------------------------------------- merge
@@ -175,21 +179,33 @@ def test_merge_values_are_structure_indices_and_tumours_win() -> None:
     liver = box(slice(0, 20), slice(0, 20), slice(0, 20))
     tumour = box(slice(5, 8), slice(5, 8), slice(5, 8))
     vessel = box(slice(10, 12), slice(0, 24), slice(0, 20))
-    labels = merge_labels({27: tumour, 6: liver, 15: vessel})
+    labels = merge_labels({27: tumour, 6: liver, 15: vessel}, RULES)
     assert labels.dtype == np.uint8
     assert set(np.unique(labels)) == {0, 6, 15, 27}
     assert (labels[tumour] == 27).all()
     assert (labels[vessel] == 15).all()
     assert (labels[liver & ~tumour & ~vessel] == 6).all()
-    assert merge_order([27, 6, 32, 15, 1]) == [1, 6, 15, 27, 32]
+    assert merge_order([27, 6, 32, 15, 1], RULES) == [1, 6, 15, 27, 32]
     # an explicit order is honoured (later wins)
-    assert (merge_labels({27: tumour, 6: liver}, order=[27, 6])[tumour] == 6).all()
+    assert (merge_labels({27: tumour, 6: liver}, RULES, order=[27, 6])[tumour] == 6).all()
 
 
 def test_merge_rejects_bad_input() -> None:
     with pytest.raises(InputError, match="no masks"):
-        merge_labels({})
+        merge_labels({}, RULES)
     with pytest.raises(InputError, match="different shapes"):
-        merge_labels({1: np.ones((2, 2, 2), bool), 2: np.ones((2, 2, 3), bool)})
+        merge_labels({1: np.ones((2, 2, 2), bool), 2: np.ones((2, 2, 3), bool)}, RULES)
     with pytest.raises(InputError, match="no mask"):
-        merge_labels({1: np.ones((2, 2, 2), bool)}, order=[1, 2])
+        merge_labels({1: np.ones((2, 2, 2), bool)}, RULES, order=[1, 2])
+
+
+# --------------------------------------------------------------------------- the roles as data
+def test_roles_from_resources_are_the_official_ones() -> None:
+    """resources/postprocess.json, read through the vocabulary, gives SPEC §12's index sets."""
+    assert RULES.num_structures == 32
+    assert RULES.largest_component == {*range(1, 10), 11, 12, 13, 14, *range(18, 26), 31}
+    assert RULES.portal_vein == (10, 11) and RULES.lungs == (16, 17)
+    assert dict(RULES.tumour_organs) == {26: ((2, 3), 2), 27: ((6,), 1)}
+    assert RULES.lesions == set(range(26, 33))
+    with pytest.raises(ValueError, match="outside"):
+        PostprocessRules(**{**vars(RULES), "lesions": {33}})

@@ -244,6 +244,28 @@ def test_normalize() -> None:
     assert normalize("Riñón  izquierdo") == "left rinon"
 
 
+def test_every_phrase_in_the_data_resolves_to_its_structure() -> None:
+    """An alias is one line of resources/structures.json; every listed one reaches its structure."""
+    for s in STRUCTURES:
+        for phrase in (*s.synonyms, *s.abbreviations, *s.part_terms):
+            assert resolve(phrase).structure == s, phrase
+
+
+def test_word_lists_are_read_from_terms_json() -> None:
+    from napari_cdpdnet._resources import load_json
+
+    words = load_json("terms.json")
+    for side in ("left", "right"):
+        for w in words[side]:
+            assert normalize(f"kidney {w}") == f"{side} kidney", w
+    for w in words["filler"]:
+        assert normalize(f"{w} liver") == "liver", w
+    for british, american in words["spellings"].items():
+        assert normalize(british) == american
+    for w in words["list_words"]:
+        assert [r.structure.key for r in resolve_many(f"liver {w} spleen")] == ["liver", "spleen"], w
+
+
 # --------------------------------------------------------------------------- lists
 @pytest.mark.parametrize(
     ("text", "keys"),

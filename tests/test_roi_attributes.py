@@ -18,7 +18,7 @@ from napari_cdpdnet.example.attributes import (
 )
 from napari_cdpdnet.geometry import Geometry
 from napari_cdpdnet.vocabulary.catalog import STRUCTURES
-from napari_cdpdnet.vocabulary.labelmaps import TOTALSEGMENTATOR_TOTAL, parse_mapping, remap
+from napari_cdpdnet.vocabulary.labelmaps import TOTALSEGMENTATOR_TOTAL, parse_label_values, remap
 
 # Structures of the example scan checked on every grid: (CDPDNet key, expected side, level).
 CHECKED = [
@@ -171,8 +171,8 @@ def test_token_estimate_is_an_upper_bound() -> None:
 def test_mappings() -> None:
     labels = np.array([[[0, 3, 12, 13, 99]]])
     assert remap(labels, TOTALSEGMENTATOR_TOTAL).tolist() == [[[0, 3, 16, 16, 0]]]
-    assert parse_mapping("5=6,1=1") == {5: 6, 1: 1}
-    assert parse_mapping("TotalSegmentator") == TOTALSEGMENTATOR_TOTAL
+    assert parse_label_values("5=6,1=1") == {5: 6, 1: 1}
+    assert parse_label_values("TotalSegmentator") == TOTALSEGMENTATOR_TOTAL
     with pytest.raises(Exception, match="outside 1..32"):
         remap(labels, None)
 

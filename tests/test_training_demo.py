@@ -11,13 +11,19 @@ compared only in the full-length runs (scripts/train_demo.py, recorded in docs/t
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO_ROOT
 
-from napari_cdpdnet.training.demo import HALF_A, HALF_B, format_tables, run_demo
 from napari_cdpdnet.vocabulary.catalog import structure
+
+# The demo is an experiment in scripts/, not in the package. Its folder goes on sys.path (not a
+# one-off module load) because the demo's parallel mode re-imports it in spawned processes.
+sys.path.insert(0, str(REPO_ROOT / "scripts"))
+from train_demo import HALF_A, HALF_B, _config, format_tables, run_demo, split_sides  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared]
 
@@ -76,12 +82,12 @@ def test_what_each_loss_teaches_on_a_real_training_crop(shared_path, tmp_path: P
     from napari_cdpdnet.io.images import read_ct, read_label_map
     from napari_cdpdnet.training.config import parse_config
     from napari_cdpdnet.training.data import build_dataset
-    from napari_cdpdnet.training.demo import _config, split_sides, totalseg_to_cdpdnet
     from napari_cdpdnet.training.trainer import train_step
+    from napari_cdpdnet.vocabulary.labelmaps import TOTALSEGMENTATOR_TOTAL, remap
 
     scan = read_ct(shared_path("data", "totalsegmentator", "example_ct.nii.gz"))
     raw, geometry = read_label_map(shared_path("data", "totalsegmentator", "example_seg_full.nii.gz"))
-    full = totalseg_to_cdpdnet(raw)
+    full = remap(raw, TOTALSEGMENTATOR_TOTAL)
     parts = split_sides(scan.array, full, geometry, tmp_path / "labels")
     colon = structure("colon").index
     assert (full[parts[0].region] == colon).sum() > 1000  # the right colon is in image A, unlabelled

@@ -133,6 +133,33 @@ def test_codes_and_colours_match_the_totalsegmentator_table(shared_path) -> None
     )
 
 
+def test_totalsegmentator_mapping_names_match_totalsegmentator(shared_path) -> None:
+    """resources/label_mappings.json names each source value as TotalSegmentator does."""
+    from napari_cdpdnet._resources import load_json
+    from napari_cdpdnet.vocabulary.labelmaps import TOTALSEGMENTATOR_TOTAL
+
+    names = json.loads(shared_path("data", "totalsegmentator", "label_map_total.json").read_text())
+    rows = load_json("label_mappings.json")["mappings"]["totalsegmentator"]["values"]
+    assert {r["value"]: r["name"] for r in rows} == {v: names["total"][str(v)] for v in TOTALSEGMENTATOR_TOTAL}
+    assert TOTALSEGMENTATOR_TOTAL[5] == structure("liver").index
+    assert [v for v, s in TOTALSEGMENTATOR_TOTAL.items() if s == structure("right_lung").index] == [12, 13, 14]
+
+
+def test_label_values_of_mappings() -> None:
+    from napari_cdpdnet.errors import InputError
+    from napari_cdpdnet.vocabulary.labelmaps import label_value, parse_label_values
+
+    assert label_value("7") == 7 and label_value(" liver ") == 6 and label_value("Left Kidney") == 3
+    for bad in ("0", "-2", ""):
+        with pytest.raises(InputError):
+            label_value(bad)
+    with pytest.raises(VocabularyError):
+        label_value("kidneys")
+    assert parse_label_values("5=liver,1=1") == {5: 6, 1: 1}
+    with pytest.raises(InputError, match="totalsegmentator"):
+        parse_label_values("5=brain")
+
+
 def test_structure_lookup_exact_only() -> None:
     assert structure(3) is structure("3") is structure("left_kidney") is structure("Left Kidney")
     assert structure("left kidney") is structure("LEFT_KIDNEY")
@@ -228,6 +255,16 @@ def test_required_channels_include_post_processing_companions() -> None:
     assert required_channels(["portal_splenic_vein"]) == {9, 10}
     assert required_channels(["pancreas_tumor", "colon_tumor"]) == {27, 30}
     assert plan_passes(["liver_tumor", "prostate"]).passes[0].channels == {26, 5}
+
+
+def test_counts_match_the_official_checkpoint() -> None:
+    """The vocabulary owns the counts; the checkpoint's architecture must agree with them."""
+    pytest.importorskip("torch")
+    from napari_cdpdnet.model.config import CDPDNetConfig
+
+    official = CDPDNetConfig.official()
+    assert official.num_classes == official.num_organs == len(STRUCTURES)
+    assert official.num_tasks == len(TASKS)
 
 
 def test_vocabulary_is_torch_free() -> None:

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from napari_cdpdnet.fileutil import check_writable, full_suffix
     from napari_cdpdnet.training.evaluation import (
         evaluate_files,
-        parse_mapping,
+        parse_pred_ref,
         plot_scores,
         write_scores_csv,
     )
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--plot {args.plot}: the plot is written as PNG; use a .png name")
         check_writable(args.plot, overwrite=args.overwrite)
         import_extra("matplotlib", "train", "plotting scores (cdpdnet evaluate --plot)")
-    mapping = parse_mapping(args.map) if args.map else None
+    mapping = parse_pred_ref(args.map) if args.map else None
     rows = evaluate_files(args.pred, args.ref, mapping, numbering=args.numbering)
     if not rows:
         raise InputError(f"nothing to evaluate: {args.pred} and {args.ref} are both empty")

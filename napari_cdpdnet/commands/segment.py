@@ -17,6 +17,7 @@ from napari_cdpdnet.errors import CdpdnetError, InputError
 from napari_cdpdnet.export.formats import FORMATS, optional_formats
 from napari_cdpdnet.geometry import Geometry
 from napari_cdpdnet.inference.settings import DEFAULT_PRESET, PRESETS, preset_help
+from napari_cdpdnet.vocabulary.catalog import TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dino", type=Path, help="DINOv2-base weights (model.safetensors / pytorch_model.bin) or folder")
     p.add_argument("--offline", action="store_true", help="never download weights")
     p.add_argument("--series-uid", help="DICOM folder with several series: the SeriesInstanceUID to use")
-    p.add_argument("--task", type=int, choices=range(11), metavar="ID",
-                   help="force one task prompt (0..10) instead of the automatic plan")
+    p.add_argument("--task", type=int, choices=range(len(TASKS)), metavar="ID",
+                   help=f"force one task prompt (0..{len(TASKS) - 1}) instead of the automatic plan")
     add_export_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

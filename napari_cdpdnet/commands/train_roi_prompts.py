@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from napari_cdpdnet.fileutil import check_writable
     from napari_cdpdnet.io.images import read_ct, read_label_map
     from napari_cdpdnet.model.text import load_organ_embeddings
-    from napari_cdpdnet.vocabulary.labelmaps import parse_mapping, remap
+    from napari_cdpdnet.vocabulary.labelmaps import parse_label_values, remap
 
     if len(args.ct) != len(args.labels):
         raise InputError(f"{len(args.ct)} --ct but {len(args.labels)} --labels: give one label map per CT")
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     if args.per_kind < 1 or args.epochs < 1:
         raise InputError("--per-kind and --epochs must be at least 1")
     check_writable(args.output, overwrite=args.overwrite)
-    mapping = parse_mapping(args.map)
+    mapping = parse_label_values(args.map)
     if args.teacher is not None:
         teacher = load_organ_embeddings(args.teacher)
         teacher_source = str(args.teacher)

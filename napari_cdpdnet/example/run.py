@@ -87,14 +87,16 @@ def run_all_structures(
     """
     from napari_cdpdnet.inference.devices import resolve_device
     from napari_cdpdnet.inference.pipeline import segment_array
+    from napari_cdpdnet.inference.segmenter import postprocess_rules
     from napari_cdpdnet.inference.settings import SegmentationSettings
-    from napari_cdpdnet.vocabulary.catalog import plan_passes
+    from napari_cdpdnet.vocabulary.catalog import TASKS, plan_passes
 
     settings = replace(settings or SegmentationSettings(), return_probabilities=True)
     plan = plan_passes(STRUCTURES)
     passes = [(q.task.id, sorted(s.channel for s in q.structures)) for q in plan.passes]
     model = segmenter.model(resolve_device(settings.device))
-    return segment_array(array, geometry, passes, model, settings, progress=progress, should_stop=should_stop)
+    return segment_array(array, geometry, passes, model, settings, rules=postprocess_rules(),
+                         num_tasks=len(TASKS), progress=progress, should_stop=should_stop)
 
 
 def rank_roi(

@@ -45,12 +45,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_N_STRUCTURES = 32
-
 
 def is_structure_value(value: int) -> bool:
     """True when ``value`` can be a CDPDNet structure index."""
-    return 1 <= int(value) <= _N_STRUCTURES
+    from napari_cdpdnet.vocabulary.catalog import STRUCTURES
+
+    return 1 <= int(value) <= len(STRUCTURES)
 
 
 def _check_shapes(labels: np.ndarray, geometry: Geometry, image: np.ndarray | None) -> np.ndarray:

@@ -10,6 +10,10 @@ one task prompt and the output channels it should deliver):
    :func:`~napari_cdpdnet.inference.postprocess.merge_labels` (value = structure index, lesions win);
 4. :func:`~napari_cdpdnet.inference.transforms.invert_labels` back onto the source grid (nearest).
 
+The engine knows no structure names or counts: the caller hands in the post-processing roles
+(:class:`~napari_cdpdnet.inference.postprocess.PostprocessRules`, which also bound the channel
+numbers) and, optionally, the number of task prompts; the segmenter takes both from the vocabulary.
+
 Presets: ``exact`` (default) is the official pipeline; ``fast`` trades exactness for CPU time with
 overlap 0.25 instead of 0.5 (≈ 2× fewer windows on typical scans) and by skipping windows that
 hold only air (≤ −175 HU). Both can be overridden field by field.
@@ -36,7 +40,7 @@ from napari_cdpdnet.errors import Cancelled, InputError
 from napari_cdpdnet.geometry import Geometry
 from napari_cdpdnet.inference.devices import resolve_device
 from napari_cdpdnet.inference.postprocess import (
-    NUM_STRUCTURES,
+    PostprocessRules,
     channels_needed,
     merge_labels,
     postprocess,
@@ -73,8 +77,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Task prompts of the official model (ids 0…10, SPEC §7).
-NUM_TASKS = 11
 
 @dataclass(frozen=True)
 class ProgressEvent:
@@ -102,7 +104,7 @@ class SegmentationResult:
     """Output of :func:`segment_array`.
 
     Attributes:
-        labels: uint8 ``[z, y, x]`` on ``geometry``; value = structure index (1…32), 0 background.
+        labels: uint8 ``[z, y, x]`` on ``geometry``; value = structure index (1…N), 0 background.
         geometry: the input geometry (the labels' grid).
         structures: structure index → voxel count, for requested structures that were found.
         requested: every requested structure index, found or not.
@@ -144,8 +146,14 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _check_passes(passes: Sequence[tuple[int, Sequence[int]]]) -> list[tuple[int, list[int]]]:
-    """Validate ``(task_id, channels)`` passes; return them with structure indices (1…32)."""
+def _check_passes(
+    passes: Sequence[tuple[int, Sequence[int]]], num_structures: int, num_tasks: int | None
+) -> list[tuple[int, list[int]]]:
+    """Validate ``(task_id, channels)`` passes; return them with structure indices (1…N).
+
+    Task ids are checked here only when the number of task prompts is known (else the predictor
+    checks them on the first window).
+    """
     out: list[tuple[int, list[int]]] = []
     seen: set[int] = set()
     for item in passes:
@@ -155,13 +163,13 @@ def _check_passes(passes: Sequence[tuple[int, Sequence[int]]]) -> list[tuple[int
             chans = sorted({int(c) for c in channels})
         except (TypeError, ValueError) as exc:
             raise InputError(f"pass {item!r}: expected (task_id, [channels])") from exc
-        if not 0 <= task < NUM_TASKS:
-            raise InputError(f"pass {item!r}: task id {task} is outside 0…{NUM_TASKS - 1}")
+        if num_tasks is not None and not 0 <= task < num_tasks:
+            raise InputError(f"pass {item!r}: task id {task} is outside 0…{num_tasks - 1}")
         if not chans:
             raise InputError(f"pass {item!r}: no channels requested")
-        bad = [c for c in chans if not 0 <= c < NUM_STRUCTURES]
+        bad = [c for c in chans if not 0 <= c < num_structures]
         if bad:
-            raise InputError(f"pass {item!r}: channels {bad} are outside 0…{NUM_STRUCTURES - 1}")
+            raise InputError(f"pass {item!r}: channels {bad} are outside 0…{num_structures - 1}")
         twice = seen.intersection(chans)
         if twice:
             raise InputError(f"channels {sorted(twice)} are requested by more than one pass")
@@ -179,6 +187,8 @@ def segment_array(
     predictor: Predictor,
     settings: SegmentationSettings | None = None,
     *,
+    rules: PostprocessRules,
+    num_tasks: int | None = None,
     progress: Callable[[ProgressEvent], Any] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> SegmentationResult:
@@ -192,6 +202,11 @@ def segment_array(
         predictor: ``predictor(x, task_id) -> logits`` on the resolved device (see
             :data:`~napari_cdpdnet.inference.sliding_window.Predictor`).
         settings: see :class:`SegmentationSettings` (default: exact, auto device).
+        rules: the post-processing roles by structure index (the segmenter's
+            :func:`~napari_cdpdnet.inference.segmenter.postprocess_rules`); channels must be
+            below ``rules.num_structures``.
+        num_tasks: the number of task prompts, to refuse a bad task id before any work;
+            None leaves the check to the predictor (the CDPDNet model checks it).
         progress: receives :class:`ProgressEvent` s.
         should_stop: polled between stages and before every window batch.
 
@@ -200,7 +215,7 @@ def segment_array(
         InputError: bad array/geometry, passes, settings, device or ROI.
     """
     settings = settings or SegmentationSettings()
-    plan_passes = _check_passes(passes)
+    plan_passes = _check_passes(passes, rules.num_structures, num_tasks)
     device = resolve_device(settings.device)
     if getattr(predictor, "training", False):
         logger.warning("the predictor is in training mode (BatchNorm uses batch statistics): "
@@ -222,12 +237,13 @@ def segment_array(
         run.emit("preprocess", 1, 1, f"Model grid {pre.shape}, {plan.count} windows per pass", t0)
         run.check("after preprocessing")
 
-        masks, probs = _run_passes(pre, plan, box, plan_passes, predictor, settings, device, run)
+        masks, probs = _run_passes(pre, plan, box, plan_passes, predictor, settings, device, rules,
+                                   run)
 
         run.check("before mapping back")
         t3 = run.emit("invert", 0, 1, "Mapping labels back to the original grid")
         model_labels = np.zeros(pre.shape, dtype=np.uint8)
-        model_labels[plan.region] = merge_labels(masks)
+        model_labels[plan.region] = merge_labels(masks, rules)
         del masks
         labels = invert_labels(model_labels, pre)
         del model_labels
@@ -280,7 +296,8 @@ class _Run:
 
 def _run_passes(
     pre: Preprocessed, plan: WindowPlan, box: IndexBox | None, passes: list[tuple[int, list[int]]],
-    predictor: Predictor, settings: SegmentationSettings, device: torch.device, run: _Run,
+    predictor: Predictor, settings: SegmentationSettings, device: torch.device,
+    rules: PostprocessRules, run: _Run,
 ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
     """Sliding window, threshold and post-processing per pass, on the windows' region.
 
@@ -302,7 +319,7 @@ def _run_passes(
                      eta.eta(d, total))
 
         out = sliding_window(
-            pre.image, predictor, task, channels_needed(structures), plan=plan,
+            pre.image, predictor, task, channels_needed(structures, rules), plan=plan,
             sw_batch_size=settings.batch_size_for(device), device=device,
             autocast=settings.autocast, progress=on_window, should_stop=run.should_stop)
         raw = _threshold(out.logits, out.channels, box, plan.region, probs, structures,
@@ -311,7 +328,7 @@ def _run_passes(
         run.timings["inference"] += time.perf_counter() - t1
         run.check("before post-processing")
         t2 = run.emit("postprocess", p, len(passes), "Post-processing")
-        masks.update(postprocess(raw, structures))
+        masks.update(postprocess(raw, structures, rules))
         del raw
         run.timings["postprocess"] += time.perf_counter() - t2
         run.emit("postprocess", p + 1, len(passes), "Post-processing done", t2)

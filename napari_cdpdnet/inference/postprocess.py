@@ -1,8 +1,11 @@
 """The official per-structure post-processing (SPEC §12) and the merge into one label map.
 
 Works on boolean masks in model space (``[X, Y, Z]`` = RAS, 1.5 mm, foreground-cropped: axis 0 grows
-towards the patient's Right, axis 2 towards Superior), keyed by **structure index** 1…32 (SPEC §6.1;
-model output channel ``c`` is structure ``c + 1``). Rules, as the official ``organ_post_process``:
+towards the patient's Right, axis 2 towards Superior), keyed by **structure index** 1…N (SPEC §6.1;
+model output channel ``c`` is structure ``c + 1``). The rules are code here, as the official
+``organ_post_process``; *which* structure plays which part is data the caller hands in as
+:class:`PostprocessRules` (the segmenter builds it from ``resources/postprocess.json`` through the
+vocabulary, which this engine never imports). With the official roles:
 
 * largest 26-connected component: 1–9, 11 (pancreas), 12–14, 18–25 and 31 (colon tumour);
 * portal/splenic vein (10): the raw mask with every voxel below (lower axis-2 index than) the lowest
@@ -18,26 +21,26 @@ model output channel ``c`` is structure ``c + 1``). Rules, as the official ``org
 Components are ranked by size; ties go to the component met first in C order over ``[X, Y, Z]``
 (the label order ``cc3d`` gives on the official C-ordered arrays, kept by its stable sort).
 
-Label values: :func:`merge_labels` writes **the structure index (1…32)** as the voxel value; 0 is
+Label values: :func:`merge_labels` writes **the structure index** as the voxel value; 0 is
 background. Structures are independent sigmoids and may overlap; later entries of the merge order
-overwrite earlier ones, and the default order puts lesions (26–32) last so that **a tumour wins over
-its organ** (and, among organs, the higher index wins, e.g. hepatic vessel 15 over liver 6).
+overwrite earlier ones, and the default order puts lesions (the tumour group, 26–32) last so that
+**a tumour wins over its organ** (and, among organs, the higher index wins, e.g. hepatic vessel 15
+over liver 6).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 
 from napari_cdpdnet.errors import InputError
 
 __all__ = [
-    "NUM_STRUCTURES",
-    "LESIONS",
-    "LARGEST_COMPONENT",
-    "TUMOUR_ORGANS",
+    "PostprocessRules",
     "companions",
     "channels_needed",
     "keep_largest_components",
@@ -51,49 +54,81 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-NUM_STRUCTURES = 32
-PORTAL_VEIN, PANCREAS, RIGHT_LUNG, LEFT_LUNG = 10, 11, 16, 17
-#: Structures that keep only their largest 26-connected component.
-LARGEST_COMPONENT = frozenset([*range(1, 10), PANCREAS, 12, 13, 14, *range(18, 26), 31])
-#: Tumour → (organs whose raw union bounds it, number of organ components kept).
-TUMOUR_ORGANS: dict[int, tuple[tuple[int, ...], int]] = {26: ((2, 3), 2), 27: ((6,), 1)}
-#: Lesions (tumours and the kidney cyst): merged last so they win over their organ.
-LESIONS = frozenset(range(26, 33))
-
 _CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
 _CUBE5 = np.ones((5, 5, 5), dtype=bool)
 
 
-def _check_indices(structures: Iterable[int]) -> list[int]:
+@dataclass(frozen=True)
+class PostprocessRules:
+    """Which structure index plays which part in the official rules, and what each one reads.
+
+    Plain data from the caller: the engine knows the rules, not the structures. The segmenter
+    builds it from :data:`napari_cdpdnet.vocabulary.catalog.POSTPROCESS_ROLES` (read from
+    ``resources/postprocess.json``), whose keys are these fields.
+
+    Attributes:
+        num_structures: structures are numbered 1..num_structures (channel = index - 1).
+        largest_component: structures that keep only their largest 26-connected component.
+        portal_vein: ``(vein, pancreas)``: the vein is cut below the post-processed pancreas.
+        lungs: ``(right, left)``: split from the union of both raw lungs by position.
+        tumour_organs: tumour -> (organs whose raw union bounds it, organ components kept).
+        lesions: structures merged last, so that they win over their organ.
+        companions: structure -> the other structures its rule reads (computed with it).
+    """
+
+    num_structures: int
+    largest_component: frozenset[int]
+    portal_vein: tuple[int, int]
+    lungs: tuple[int, int]
+    tumour_organs: Mapping[int, tuple[tuple[int, ...], int]]
+    lesions: frozenset[int]
+    companions: Mapping[int, frozenset[int]]
+
+    def __post_init__(self) -> None:
+        # freeze what the caller gave, so one rules object can be shared between runs
+        object.__setattr__(self, "largest_component", frozenset(self.largest_component))
+        object.__setattr__(self, "lesions", frozenset(self.lesions))
+        object.__setattr__(self, "portal_vein", tuple(self.portal_vein))
+        object.__setattr__(self, "lungs", tuple(self.lungs))
+        object.__setattr__(self, "tumour_organs", MappingProxyType(
+            {int(t): (tuple(organs), int(keep)) for t, (organs, keep) in self.tumour_organs.items()}))
+        object.__setattr__(self, "companions", MappingProxyType(
+            {int(s): frozenset(c) for s, c in self.companions.items()}))
+        named = [*self.largest_component, *self.portal_vein, *self.lungs, *self.lesions,
+                 *self.tumour_organs, *(o for organs, _ in self.tumour_organs.values() for o in organs),
+                 *self.companions, *(c for cs in self.companions.values() for c in cs)]
+        if not 1 <= self.num_structures <= 255:
+            raise ValueError(f"{self.num_structures} structures do not fit a uint8 label map")
+        bad = sorted({s for s in named if not 1 <= s <= self.num_structures})
+        if bad:
+            raise ValueError(f"post-processing rules name structures {bad} outside 1…{self.num_structures}")
+
+
+def _check_indices(structures: Iterable[int], rules: PostprocessRules) -> list[int]:
     out = sorted({int(s) for s in structures})
-    bad = [s for s in out if not 1 <= s <= NUM_STRUCTURES]
+    bad = [s for s in out if not 1 <= s <= rules.num_structures]
     if bad:
-        raise InputError(f"structure indices {bad} are outside 1…{NUM_STRUCTURES}")
+        raise InputError(f"structure indices {bad} are outside 1…{rules.num_structures}")
     return out
 
 
-def companions(structures: Iterable[int]) -> set[int]:
+def companions(structures: Iterable[int], rules: PostprocessRules) -> set[int]:
     """Structures that must also be predicted to post-process ``structures`` (not themselves).
 
     A tumour needs its organ(s), a lung needs the other lung, the portal/splenic vein needs the
     pancreas.
     """
-    requested = set(_check_indices(structures))
+    requested = set(_check_indices(structures, rules))
     need: set[int] = set()
     for s in requested:
-        if s == PORTAL_VEIN:
-            need.add(PANCREAS)
-        elif s in (RIGHT_LUNG, LEFT_LUNG):
-            need.update((RIGHT_LUNG, LEFT_LUNG))
-        elif s in TUMOUR_ORGANS:
-            need.update(TUMOUR_ORGANS[s][0])
+        need.update(rules.companions.get(s, ()))
     return need - requested
 
 
-def channels_needed(structures: Iterable[int]) -> list[int]:
-    """Output channels (0…31) to compute for ``structures``: the requested ones and companions."""
-    s = set(_check_indices(structures))
-    return sorted(i - 1 for i in s | companions(s))
+def channels_needed(structures: Iterable[int], rules: PostprocessRules) -> list[int]:
+    """Output channels (0-based) to compute for ``structures``: the requested ones and companions."""
+    s = set(_check_indices(structures, rules))
+    return sorted(i - 1 for i in s | companions(s, rules))
 
 
 def _bbox(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
@@ -190,22 +225,26 @@ def filter_tumour(tumour_raw: np.ndarray, organ_raws: Sequence[np.ndarray], keep
     return out
 
 
-def postprocess(raw: Mapping[int, np.ndarray], requested: Iterable[int]) -> dict[int, np.ndarray]:
+def postprocess(
+    raw: Mapping[int, np.ndarray], requested: Iterable[int], rules: PostprocessRules
+) -> dict[int, np.ndarray]:
     """Apply the official rules to the requested structures.
 
     Args:
         raw: thresholded masks (sigmoid > 0.5) by structure index; must hold every requested
             structure and its :func:`companions`.
         requested: structure indices to return.
+        rules: which structure plays which part (:class:`PostprocessRules`).
 
     Returns:
         Boolean masks by structure index, for the requested structures only.
 
     Raises:
-        InputError: an index outside 1…32, or a needed mask missing from ``raw``.
+        InputError: an index outside 1…``rules.num_structures``, or a needed mask missing from
+            ``raw``.
     """
-    wanted = _check_indices(requested)
-    missing = sorted((set(wanted) | companions(wanted)) - set(raw))
+    wanted = _check_indices(requested, rules)
+    missing = sorted((set(wanted) | companions(wanted, rules)) - set(raw))
     if missing:
         raise InputError(f"post-processing needs the masks of structures {missing} as well")
     cache: dict[int, np.ndarray] = {}
@@ -215,34 +254,39 @@ def postprocess(raw: Mapping[int, np.ndarray], requested: Iterable[int]) -> dict
             cache[s] = keep_largest_components(raw[s], 1)
         return cache[s]
 
+    right_lung, left_lung = rules.lungs
+    vein, pancreas = rules.portal_vein
     out: dict[int, np.ndarray] = {}
     for s in wanted:
-        if s in (RIGHT_LUNG, LEFT_LUNG):
-            if RIGHT_LUNG not in cache:
-                cache[RIGHT_LUNG], cache[LEFT_LUNG] = split_lungs(raw[RIGHT_LUNG], raw[LEFT_LUNG])
+        if s in rules.lungs:
+            if right_lung not in cache:
+                cache[right_lung], cache[left_lung] = split_lungs(raw[right_lung], raw[left_lung])
             out[s] = cache[s]
-        elif s == PORTAL_VEIN:
-            out[s] = cut_portal_vein(raw[s], largest(PANCREAS))
-        elif s in LARGEST_COMPONENT:
+        elif s == vein:
+            out[s] = cut_portal_vein(raw[s], largest(pancreas))
+        elif s in rules.largest_component:
             out[s] = largest(s)
-        elif s in TUMOUR_ORGANS:
-            organs, keep = TUMOUR_ORGANS[s]
+        elif s in rules.tumour_organs:
+            organs, keep = rules.tumour_organs[s]
             out[s] = filter_tumour(raw[s], [raw[o] for o in organs], keep)
         else:
             out[s] = np.array(raw[s], dtype=bool, copy=True)
     return out
 
 
-def merge_order(structures: Iterable[int]) -> list[int]:
-    """Default overlap order: organs and vessels by index, then lesions (26–32) — last one wins."""
-    return sorted(_check_indices(structures), key=lambda s: (s in LESIONS, s))
+def merge_order(structures: Iterable[int], rules: PostprocessRules) -> list[int]:
+    """Default overlap order: organs and vessels by index, then lesions — last one wins."""
+    return sorted(_check_indices(structures, rules), key=lambda s: (s in rules.lesions, s))
 
 
-def merge_labels(masks: Mapping[int, np.ndarray], order: Sequence[int] | None = None) -> np.ndarray:
+def merge_labels(
+    masks: Mapping[int, np.ndarray], rules: PostprocessRules, order: Sequence[int] | None = None
+) -> np.ndarray:
     """One ``uint8`` label map from boolean masks; voxel value = structure index (0 background).
 
     Args:
-        masks: boolean masks of equal shape by structure index (1…32).
+        masks: boolean masks of equal shape by structure index (1…``rules.num_structures``).
+        rules: give the default order (lesions last) and the valid indices.
         order: painting order (later wins); default :func:`merge_order`. Must list only keys of
             ``masks``; masks not listed are left out.
 
@@ -251,8 +295,8 @@ def merge_labels(masks: Mapping[int, np.ndarray], order: Sequence[int] | None = 
     """
     if not masks:
         raise InputError("merge_labels: no masks given")
-    order = merge_order(masks) if order is None else [int(s) for s in order]
-    _check_indices(order)
+    order = merge_order(masks, rules) if order is None else [int(s) for s in order]
+    _check_indices(order, rules)
     unknown = [s for s in order if s not in masks]
     if unknown:
         raise InputError(f"merge_labels: order names structures {unknown} that have no mask")

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,13 +30,14 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from napari_cdpdnet.export.labeltable import LabelRow
     from napari_cdpdnet.inference.pipeline import ProgressEvent, SegmentationResult
+    from napari_cdpdnet.inference.postprocess import PostprocessRules
     from napari_cdpdnet.inference.settings import SegmentationSettings
     from napari_cdpdnet.model.text import ClipScorer
     from napari_cdpdnet.vocabulary.catalog import SegmentationPlan, Structure
     from napari_cdpdnet.vocabulary.resolver import Resolution
     from napari_cdpdnet.weights import WeightFiles
 
-__all__ = ["Segmenter", "SegmentationOutput", "parse_request"]
+__all__ = ["Segmenter", "SegmentationOutput", "parse_request", "postprocess_rules"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +61,16 @@ class SegmentationOutput:
     @property
     def geometry(self) -> Geometry:
         return self.result.geometry
+
+
+@cache
+def postprocess_rules() -> PostprocessRules:
+    """The vocabulary's post-processing roles (``resources/postprocess.json``) in the form the
+    engine takes: here, because the engine never imports the vocabulary."""
+    from napari_cdpdnet.inference.postprocess import PostprocessRules
+    from napari_cdpdnet.vocabulary.catalog import POSTPROCESS_ROLES
+
+    return PostprocessRules(**POSTPROCESS_ROLES)
 
 
 def parse_request(
@@ -211,6 +223,7 @@ class Segmenter:
         from napari_cdpdnet.inference.devices import resolve_device
         from napari_cdpdnet.inference.pipeline import segment_array
         from napari_cdpdnet.inference.settings import SegmentationSettings
+        from napari_cdpdnet.vocabulary.catalog import TASKS
 
         t0 = time.perf_counter()
         settings = settings or SegmentationSettings()
@@ -219,7 +232,8 @@ class Segmenter:
         model = self.model(device)
         passes = [(p.task.id, sorted(s.channel for s in p.structures)) for p in plan.passes]
         result = segment_array(
-            array, geometry, passes, model, settings, progress=progress, should_stop=should_stop
+            array, geometry, passes, model, settings, rules=postprocess_rules(),
+            num_tasks=len(TASKS), progress=progress, should_stop=should_stop,
         )
         requested = [s.index for s in structures]
         table = build_label_table(result.labels, geometry, array, values=requested)

@@ -224,7 +224,9 @@ def default_task_for(labelled: set[int] | frozenset[int]) -> int:
 
 def _label_values(value: Any, where: str) -> dict[int, int]:
     if value is None or value == "cdpdnet":
-        return {i: i for i in range(1, 33)}
+        from napari_cdpdnet.vocabulary.catalog import STRUCTURES
+
+        return {s.index: s.index for s in STRUCTURES}
     if not isinstance(value, Mapping) or not value:
         raise _err(where, f'expected "cdpdnet" or a mapping {{label value: structure}}, got {value!r}')
     out: dict[int, int] = {}

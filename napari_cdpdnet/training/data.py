@@ -32,6 +32,7 @@ import torch
 
 from napari_cdpdnet.inference.transforms import HU_WINDOW
 from napari_cdpdnet.training.config import CaseSpec, DatasetSpec, TrainConfig
+from napari_cdpdnet.vocabulary.catalog import STRUCTURES
 
 __all__ = [
     "NUM_CHANNELS",
@@ -46,14 +47,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-NUM_CHANNELS = 32
+#: One target channel per structure (the model's ``num_classes``, checked against it in
+#: tests/test_vocabulary.py).
+NUM_CHANNELS = len(STRUCTURES)
 #: Official sampler ratios for tumour datasets (background, organ, tumour).
 TUMOUR_CLASS_RATIOS = (1, 1, 5)
 
 
 def _tumour_indices() -> frozenset[int]:
-    from napari_cdpdnet.vocabulary.catalog import STRUCTURES
-
     return frozenset(s.index for s in STRUCTURES if s.group == "tumour")
 
 

@@ -1,8 +1,10 @@
 """Dice and HD95 in millimetres per structure, between a prediction and a reference label map.
 
 Computed on the source grid (the reference's geometry, which the prediction must share), with
-the voxel spacing, for any label numbering through a mapping ``pred value -> [ref values]``
-(several reference values may form one structure, e.g. the lung lobes of TotalSegmentator).
+the voxel spacing, for any label numbering through pairs ``pred value -> [ref values]``
+(:func:`parse_pred_ref`; several reference values may form one structure, e.g. the lung lobes of
+TotalSegmentator). Neither map is translated, unlike a label-value mapping
+(:mod:`napari_cdpdnet.vocabulary.labelmaps`), which renumbers a reference onto the structures.
 
 * Dice = 2|P∩G| / (|P| + |G|) — no smoothing term. The official ``test.py`` adds 1 to the
   denominator, which lowers small structures' scores (a perfect 10-voxel mask scores 0.952).
@@ -39,7 +41,7 @@ __all__ = [
     "hd95_mm",
     "evaluate_labels",
     "evaluate_files",
-    "parse_mapping",
+    "parse_pred_ref",
     "write_scores_csv",
     "plot_scores",
 ]
@@ -121,10 +123,10 @@ def _same_grid(a: Geometry, b: Geometry) -> bool:
 
 def _name(pred_value: int, numbering: str) -> str:
     if numbering == "cdpdnet":
-        from napari_cdpdnet.vocabulary.catalog import structure
+        from napari_cdpdnet.vocabulary.catalog import STRUCTURES
 
-        if 1 <= pred_value <= 32:
-            return structure(pred_value).name
+        if 1 <= pred_value <= len(STRUCTURES):
+            return STRUCTURES[pred_value - 1].name
     return f"label {pred_value}"
 
 
@@ -140,8 +142,8 @@ def evaluate_labels(
             direction within 1e-3), because scores are computed on the source grid.
         mapping: pred value -> reference values forming the same structure. Default: every
             non-zero value present in either map, compared with itself.
-        numbering: ``"cdpdnet"`` names pred values 1..32 by structure; anything else gives
-            ``label N``.
+        numbering: ``"cdpdnet"`` names pred values that are structure indices by structure;
+            anything else gives ``label N``.
 
     Raises:
         InputError: different grids, or a mapping value that is not a positive integer.
@@ -183,13 +185,15 @@ def evaluate_labels(
     return rows
 
 
-def parse_mapping(items: Sequence[str]) -> dict[int, list[int]]:
-    """``["6:5", "16:12,13,14", "liver:5"]`` → ``{6: [5], 16: [12, 13, 14]}``.
+def parse_pred_ref(items: Sequence[str]) -> dict[int, list[int]]:
+    """``evaluate --map PRED:REF`` pairs: ``["6:5", "16:12,13,14", "liver:5"]`` →
+    ``{6: [5], 16: [12, 13, 14]}`` (prediction value -> the reference values it is compared with).
 
-    The prediction side may be a CDPDNet structure key or name instead of its index.
+    The prediction side may be a CDPDNet structure key or name instead of its index
+    (:func:`~napari_cdpdnet.vocabulary.labelmaps.label_value`); the reference side is numbers.
     """
     from napari_cdpdnet.errors import VocabularyError
-    from napari_cdpdnet.vocabulary.catalog import structure
+    from napari_cdpdnet.vocabulary.labelmaps import label_value
 
     out: dict[int, list[int]] = {}
     for item in items:
@@ -197,14 +201,14 @@ def parse_mapping(items: Sequence[str]) -> dict[int, list[int]]:
         if not sep or not left.strip() or not right.strip():
             raise InputError(f"--map {item!r}: expected PRED:REF, e.g. 6:5 or 16:12,13,14 or liver:5")
         try:
-            pv = int(left) if left.strip().isdigit() else structure(left.strip()).index
-        except VocabularyError as exc:
+            pv = label_value(left)
+        except (InputError, VocabularyError) as exc:
             raise InputError(f"--map {item!r}: {exc}") from None
         try:
             refs = [int(v) for v in right.split(",")]
         except ValueError:
             raise InputError(f"--map {item!r}: reference values must be whole numbers") from None
-        if pv <= 0 or any(r <= 0 for r in refs):
+        if any(r <= 0 for r in refs):
             raise InputError(f"--map {item!r}: label values must be > 0 (0 is background)")
         if pv in out:
             raise InputError(f"--map {item!r}: prediction value {pv} is mapped twice")

@@ -317,7 +317,7 @@ class Trainer:
         model, random_dino = build_training_model(self.config, self.architecture)
         model.to(self.device).train()
         self.random_dino = random_dino
-        self.union = torch.zeros(32, dtype=torch.bool)
+        self.union = torch.zeros(model.num_classes, dtype=torch.bool)  # one per output channel
         for d in self.config.datasets:
             for c in d.cases:
                 self.union[[i - 1 for i in c.labelled]] = True

@@ -1,9 +1,11 @@
 """Stage 2, vocabulary: the 32 structures, the 11 task prompts, and what typed text means.
 
 Owns the fixed CDPDNet label space as data (``resources/*.json``): names, synonyms, colours,
-SNOMED codes and post-processing roles (:mod:`.catalog`), pass planning over task prompts,
-the resolver from typed text to structures (:mod:`.resolver`), and label numberings of other
-tools mapped onto ours (:mod:`.labelmaps`). No torch. Counts are ``len(STRUCTURES)`` and
+SNOMED codes, tasks and post-processing roles, and pass planning over task prompts
+(:mod:`.catalog`); what typed words mean (:mod:`.terms`, word lists in ``terms.json``) and the
+resolver from typed text to structures (:mod:`.resolver`); label numberings of other tools
+mapped onto ours (:mod:`.labelmaps`, tables in ``label_mappings.json``). No torch, and no
+import of the engine: the segmenter hands the roles to it. Counts are ``len(STRUCTURES)`` and
 ``len(TASKS)``, never literals. The names below are the public API.
 """
 

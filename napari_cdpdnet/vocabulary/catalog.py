@@ -1,8 +1,11 @@
 """The fixed CDPDNet vocabulary: 32 output structures, 11 training tasks, and pass planning.
 
 Plain data, no torch: the GUI, the CLI, exporters and tests read names, colours and SNOMED
-codes from here without loading a model. The data live in ``resources/structures.json`` and
-``resources/tasks.json``.
+codes from here without loading a model. The data live in ``resources/structures.json``,
+``resources/tasks.json`` and ``resources/postprocess.json`` (which structure plays which part in
+the official post-processing, handed to the engine as :data:`POSTPROCESS_ROLES`). Every count is
+``len(STRUCTURES)`` or ``len(TASKS)``; the official checkpoint's output and prompt counts
+(``model.config``) must agree, which ``tests/test_vocabulary.py`` checks.
 
 What a user types never changes what the network computes. CDPDNet's text conditioning is a
 set of fixed constants: all 32 organ and 11 task CLIP embeddings are flattened into FiLM
@@ -19,8 +22,9 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from napari_cdpdnet._resources import load_json
@@ -39,6 +43,7 @@ __all__ = [
     "SPECIAL_TERMS",
     "PROMPT_TEMPLATE",
     "GROUPS",
+    "POSTPROCESS_ROLES",
     "structure",
     "structures",
     "task",
@@ -48,14 +53,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: One sentence every user-facing listing repeats, so nobody mistakes the resolver for an
-#: open-vocabulary model.
-FIXED_CONDITIONING_NOTE = (
-    "CDPDNet always computes the same 32 structures: its text conditioning is fixed (all organ and "
-    "task embeddings are built into the model), so a typed name only selects which outputs you get "
-    "and which of the 11 task prompts runs; it cannot add a new structure."
-)
 
 #: The three groups a structure belongs to.
 GROUPS: tuple[str, ...] = ("organ", "vessel", "tumour")
@@ -227,20 +224,20 @@ def _load_structures() -> tuple[tuple[Structure, ...], str]:
                 notes=raw["notes"],
             )
         )
-    if len(out) != 32:
-        raise RuntimeError(f"structures.json must list 32 structures, found {len(out)}")
+    if not out:
+        raise RuntimeError("structures.json lists no structures")
     keys = [s.key for s in out]
     if len(set(keys)) != len(keys):
         raise RuntimeError("structures.json: duplicate keys")
     return tuple(out), str(data["prompt_template"])
 
 
-def _load_tasks() -> tuple[Task, ...]:
+def _load_tasks(n_structures: int) -> tuple[Task, ...]:
     data = load_json("tasks.json")
     out = []
     for n, raw in enumerate(data["tasks"]):
         labels = tuple(int(i) for i in raw["structures"])
-        if raw["id"] != n or not labels or not all(1 <= i <= 32 for i in labels):
+        if raw["id"] != n or not labels or not all(1 <= i <= n_structures for i in labels):
             raise RuntimeError(f"tasks.json: task {n} is malformed")
         union = {int(i) for d in raw["datasets"] for i in d["structures"]}
         if union != set(labels):
@@ -254,13 +251,22 @@ def _load_tasks() -> tuple[Task, ...]:
                 structures=labels,
             )
         )
-    if len(out) != 11:
-        raise RuntimeError(f"tasks.json must list 11 tasks, found {len(out)}")
+    if not out:
+        raise RuntimeError("tasks.json lists no tasks")
     return tuple(out)
 
 
 STRUCTURES, PROMPT_TEMPLATE = _load_structures()
-TASKS: tuple[Task, ...] = _load_tasks()
+TASKS: tuple[Task, ...] = _load_tasks(len(STRUCTURES))
+
+#: One sentence every user-facing listing repeats, so nobody mistakes the resolver for an
+#: open-vocabulary model.
+FIXED_CONDITIONING_NOTE = (
+    f"CDPDNet always computes the same {len(STRUCTURES)} structures: its text conditioning is "
+    "fixed (all organ and task embeddings are built into the model), so a typed name only selects "
+    f"which outputs you get and which of the {len(TASKS)} task prompts runs; it cannot add a new "
+    "structure."
+)
 
 _BY_NAME: dict[str, Structure] = {}
 for _s in STRUCTURES:
@@ -285,6 +291,49 @@ def _load_terms() -> tuple[SpecialTerm, ...]:
 SPECIAL_TERMS: tuple[SpecialTerm, ...] = _load_terms()
 
 
+def _load_postprocess_roles() -> Mapping[str, Any]:
+    """postprocess.json by structure index, with what each rule reads besides its own mask."""
+    data = load_json("postprocess.json")
+    by_key = {s.key: s.index for s in STRUCTURES}
+
+    def index(key: str) -> int:
+        if key not in by_key:
+            raise RuntimeError(f"postprocess.json: {key!r} is not a structure key")
+        return by_key[key]
+
+    vein, pancreas = index(data["portal_vein"]["vein"]), index(data["portal_vein"]["cut_below"])
+    right, left = index(data["lungs"]["right"]), index(data["lungs"]["left"])
+    tumours = {
+        index(t): (tuple(index(o) for o in rule["organs"]), int(rule["organ_components"]))
+        for t, rule in data["tumours_in_organs"].items()
+    }
+    largest = frozenset(index(k) for k in data["largest_component"])
+    ruled = [*largest, vein, right, left, *tumours]
+    if len(ruled) != len(set(ruled)):
+        raise RuntimeError("postprocess.json: a structure is named by more than one rule")
+    if data["merged_last_group"] not in GROUPS:
+        raise RuntimeError(f"postprocess.json: unknown group {data['merged_last_group']!r}")
+    companions = {vein: frozenset([pancreas]), right: frozenset([left]), left: frozenset([right])}
+    companions.update({t: frozenset(organs) for t, (organs, _) in tumours.items()})
+    return MappingProxyType({
+        "num_structures": len(STRUCTURES),
+        "largest_component": largest,
+        "portal_vein": (vein, pancreas),
+        "lungs": (right, left),
+        "tumour_organs": MappingProxyType(tumours),
+        "lesions": frozenset(s.index for s in STRUCTURES if s.group == data["merged_last_group"]),
+        "companions": MappingProxyType(companions),
+    })
+
+
+#: The official post-processing roles (SPEC §12) by structure index, read once from
+#: ``resources/postprocess.json``: the fields of
+#: :class:`napari_cdpdnet.inference.postprocess.PostprocessRules`, which the segmenter builds from
+#: them (the engine never imports the vocabulary). ``companions`` maps a structure to the others
+#: its rule reads (a tumour's organs, the other lung, the pancreas for the portal vein).
+POSTPROCESS_ROLES: Mapping[str, Any] = _load_postprocess_roles()
+
+
 # --------------------------------------------------------------------------- lookup
 def structure(value: Structure | int | str) -> Structure:
     """The structure with this index (1..32), key, display name or official name.
@@ -303,8 +352,8 @@ def structure(value: Structure | int | str) -> Structure:
         if 1 <= value <= len(STRUCTURES):
             return STRUCTURES[value - 1]
         raise VocabularyError(
-            f"structure index {value} is out of range: CDPDNet structures are numbered 1..32 "
-            "(run `cdpdnet structures` for the list)"
+            f"structure index {value} is out of range: CDPDNet structures are numbered "
+            f"1..{len(STRUCTURES)} (run `cdpdnet structures` for the list)"
         )
     if isinstance(value, str):
         text = value.strip()
@@ -330,7 +379,7 @@ def structures(values: Iterable[Structure | int | str]) -> tuple[Structure, ...]
 
 
 def task(value: Task | int | str) -> Task:
-    """A task by id (0..10), key ("lits") or name ("LiTS")."""
+    """A task by id (0..len(TASKS)-1), key ("lits") or name ("LiTS")."""
     if isinstance(value, Task):
         return value
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(TASKS):
@@ -343,22 +392,24 @@ def task(value: Task | int | str) -> Task:
             if text.casefold() in (t.key.casefold(), t.name.casefold()):
                 return t
     known = ", ".join(f"{t.id}={t.key}" for t in TASKS)
-    raise VocabularyError(f"unknown task {value!r}; use an id 0..10 or a key ({known})")
+    raise VocabularyError(
+        f"unknown task {value!r}; use an id 0..{len(TASKS) - 1} or a key ({known})"
+    )
 
 
 # --------------------------------------------------------------------------- planning
 def required_channels(items: Iterable[Structure | int | str]) -> set[int]:
-    """Network channels (0..31) that must be computed to post-process these structures.
+    """Network channels (0-based) that must be computed to post-process these structures.
 
     SPEC §12 post-processing reads companion channels: a kidney tumour is kept only inside the
     kidneys, a liver tumour inside the liver, the lungs are split from the union of both lung
-    channels, and the portal/splenic vein is cut below the pancreas. The result includes the
-    requested channels themselves. The rules live with their implementation in
-    :mod:`napari_cdpdnet.inference.postprocess`.
+    channels, and the portal/splenic vein is cut below the pancreas (``companions`` of
+    :data:`POSTPROCESS_ROLES`; the engine reads the same table). The result includes the
+    requested channels themselves.
     """
-    from napari_cdpdnet.inference.postprocess import channels_needed
-
-    return set(channels_needed(s.index for s in structures(items)))
+    wanted = {s.index for s in structures(items)}
+    companions: Mapping[int, frozenset[int]] = POSTPROCESS_ROLES["companions"]
+    return {i - 1 for i in wanted.union(*(companions.get(i, ()) for i in wanted))}
 
 
 class Pass(NamedTuple):
@@ -402,8 +453,9 @@ class SegmentationPlan:
             names = ", ".join(s.name for s in p.structures)
             lines.append(f"  pass {i}: task {p.task.id} ({p.task.name}) -> {names}")
         lines.append(
-            "Each pass computes all 32 outputs; the task prompt only selects which dataset's "
-            "labelling the network imitates, so structures are taken from a task trained on them."
+            f"Each pass computes all {len(STRUCTURES)} outputs; the task prompt only selects which "
+            "dataset's labelling the network imitates, so structures are taken from a task trained "
+            "on them."
         )
         return "\n".join(lines)
 

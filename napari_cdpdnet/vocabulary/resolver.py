@@ -13,24 +13,33 @@ Below ``threshold`` it refuses with suggestions: a refusal is an answer ("brain"
 the 32 structures). Whatever is typed, the network computes the same 32 outputs with the same
 fixed text conditioning (SPEC §6.3); resolving only picks which outputs the user gets. CLIP
 here ranks the 32 fixed structures and never adds one.
+
+Every phrase and word matched here is data: :mod:`.terms` normalises text with
+``resources/terms.json`` and builds the phrase table from ``resources/structures.json``.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from difflib import SequenceMatcher
-from functools import lru_cache
 from typing import Protocol
 
 from napari_cdpdnet.errors import VocabularyError
 from napari_cdpdnet.vocabulary.catalog import (
-    SPECIAL_TERMS,
     STRUCTURES,
     Structure,
+)
+from napari_cdpdnet.vocabulary.terms import (
+    LIST_SEPARATOR,
+    Entry,
+    Query,
+    analyse,
+    compact_table,
+    normalize,
+    phrase_table,
+    rank,
 )
 
 __all__ = [
@@ -59,227 +68,6 @@ _MIN_FUZZY_LENGTH = 4
 #: Fuzzy matches need at least this similarity whatever the threshold: below it string
 #: similarity says nothing, and a low ``threshold`` is meant for the CLIP stage.
 _FUZZY_FLOOR = 0.7
-
-_LEFT = frozenset(
-    [
-        "left",
-        "l",
-        "lt",
-        "lft",
-        "sinister",
-        "sinistra",
-        "sinistro",
-        "sinistri",
-        "gauche",
-        "links",
-        "linke",
-        "linker",
-        "linken",
-        "linkes",
-        "izquierdo",
-        "izquierda",
-        "izq",
-    ]
-)
-_RIGHT = frozenset(
-    [
-        "right",
-        "r",
-        "rt",
-        "rgt",
-        "dexter",
-        "dextra",
-        "destra",
-        "destro",
-        "destri",
-        "droit",
-        "droite",
-        "rechts",
-        "rechte",
-        "rechter",
-        "rechten",
-        "rechtes",
-        "derecho",
-        "derecha",
-        "dcha",
-    ]
-)
-_BOTH = frozenset(["both", "bilateral", "bilat"])
-_STOP = frozenset(
-    [
-        "the",
-        "a",
-        "an",
-        "of",
-        "and",
-        "my",
-        "please",
-        "segment",
-        "segmentation",
-        "segmentations",
-        "mask",
-        "masks",
-        "label",
-        "labels",
-        "contour",
-        "contours",
-        "outline",
-        "delineate",
-        "delineation",
-        "show",
-        "find",
-        "get",
-        "want",
-        "i",
-        "me",
-        "for",
-        "in",
-        "on",
-        "ct",
-        "scan",
-        "de",
-        "la",
-        "le",
-        "du",
-        "des",
-        "der",
-        "die",
-        "das",
-    ]
-)
-#: British (and other) spellings, per word.
-_SPELLING = {
-    "tumour": "tumor",
-    "tumours": "tumors",
-    "oesophagus": "esophagus",
-    "oesophageal": "esophageal",
-    "oesophagael": "esophageal",
-    "coeliac": "celiac",
-    "caecum": "cecum",
-    "haemangioma": "hemangioma",
-    "foetal": "fetal",
-    "oedema": "edema",
-    "anaemia": "anemia",
-    "haemorrhage": "hemorrhage",
-    "colour": "color",
-    "centre": "center",
-}
-
-
-# --------------------------------------------------------------------------- normalising
-@dataclass(frozen=True)
-class _Query:
-    """A phrase reduced to comparable form: ``text`` has the laterality word first."""
-
-    text: str
-    laterality: str | None
-    bilateral: bool
-    conflicting: bool
-
-    @property
-    def compact(self) -> str:
-        return self.text.replace(" ", "")
-
-
-def normalize(text: str) -> str:
-    """Comparable form of a phrase: lower case, no accents or punctuation, American spelling,
-    filler words dropped, laterality first ("Kidney (L)" -> "left kidney")."""
-    return _analyse(text).text
-
-
-def _analyse(text: str) -> _Query:
-    decomposed = unicodedata.normalize("NFKD", text.replace("œ", "oe").replace("Œ", "oe"))
-    plain = "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
-    plain = plain.replace("ß", "ss")
-    words = [_SPELLING.get(w, w) for w in re.findall(r"[a-z0-9]+", plain)]
-    sides = {("left" if w in _LEFT else "right") for w in words if w in _LEFT or w in _RIGHT}
-    bilateral = any(w in _BOTH for w in words)
-    rest = [w for w in words if w not in _LEFT and w not in _RIGHT and w not in _BOTH]
-    kept = [w for w in rest if w not in _STOP]
-    laterality = next(iter(sides)) if len(sides) == 1 else None
-    body = " ".join(kept)
-    return _Query(
-        text=f"{laterality} {body}".strip() if laterality else body,
-        laterality=laterality,
-        bilateral=bilateral,
-        conflicting=len(sides) > 1,
-    )
-
-
-# --------------------------------------------------------------------------- term table
-_STRUCTURE_KINDS = ("name", "synonym", "part")
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """What a normalised phrase means."""
-
-    kind: str  # "name" | "synonym" | "part" | "group" | "ambiguous" | "not_supported"
-    structures: tuple[Structure, ...]
-    phrase: str  # the curated phrase it came from (for reasons)
-    note: str = ""
-    fuzzy: bool = True  # short abbreviations only match exactly
-
-    @property
-    def target(self) -> tuple[str, tuple[int, ...]]:
-        """What it resolves to; names, synonyms and parts of one structure share a target."""
-        kind = "structure" if self.kind in _STRUCTURE_KINDS else self.kind
-        return kind, tuple(s.index for s in self.structures)
-
-
-@lru_cache(maxsize=1)
-def _table() -> dict[str, _Entry]:
-    """Normalised phrase -> meaning; built once, validated against contradictions."""
-    table: dict[str, _Entry] = {}
-
-    def put(phrase: str, entry: _Entry) -> None:
-        key = _analyse(phrase).text
-        if not key:
-            raise RuntimeError(f"vocabulary phrase {phrase!r} normalises to nothing")
-        old = table.get(key)
-        if old is not None and old.target != entry.target:
-            raise RuntimeError(
-                f"vocabulary phrase {phrase!r} (as {key!r}) means both {old.target} and {entry.target}"
-            )
-        if old is None or _rank(entry) < _rank(old):
-            table[key] = entry
-
-    for s in STRUCTURES:
-        for phrase in (s.name, s.official_name, s.key.replace("_", " ")):
-            put(phrase, _Entry("name", (s,), phrase))
-        for phrase in s.synonyms:
-            put(phrase, _Entry("synonym", (s,), phrase))
-        for phrase in s.abbreviations:
-            put(phrase, _Entry("synonym", (s,), phrase, fuzzy=len(phrase) > 3))
-        for phrase in s.part_terms:
-            put(phrase, _Entry("part", (s,), phrase))
-    for t in SPECIAL_TERMS:
-        put(t.term, _Entry(t.kind, t.structures, t.term, t.note))
-    # "kidney", "renal", "adrenal": a lateral phrase without its side names a pair.
-    pairs: dict[str, set[int]] = {}
-    for s in STRUCTURES:
-        if s.laterality is None:
-            continue
-        for phrase in (s.name, s.official_name, *s.synonyms):
-            q = _analyse(phrase)
-            if q.laterality and q.text.split(" ", 1)[1:]:
-                pairs.setdefault(q.text.split(" ", 1)[1], set()).add(s.index)
-    for base, members in pairs.items():
-        if base not in table and len(members) == 2:
-            put(
-                base,
-                _Entry(
-                    "ambiguous",
-                    tuple(STRUCTURES[i - 1] for i in sorted(members)),
-                    base,
-                    "left or right?",
-                ),
-            )
-    return table
-
-
-def _rank(entry: _Entry) -> int:
-    return ("name", "synonym", "part", "group", "ambiguous", "not_supported").index(entry.kind)
 
 
 # --------------------------------------------------------------------------- results
@@ -319,7 +107,7 @@ def _names(items: Iterable[Structure]) -> str:
     return ", ".join(s.name for s in items)
 
 
-def _similarity(q: _Query, key: str) -> float:
+def _similarity(q: Query, key: str) -> float:
     a, b = q.text, key
     if q.laterality and b.startswith(q.laterality + " "):
         # compare what follows the side: "left liver" is not close to "left niere"
@@ -332,21 +120,21 @@ def _similarity(q: _Query, key: str) -> float:
     return max(scores)
 
 
-def _fuzzy(q: _Query) -> list[tuple[float, str, _Entry]]:
+def _fuzzy(q: Query) -> list[tuple[float, str, Entry]]:
     """Candidates by similarity, best first, respecting a stated side."""
     out = []
-    for key, entry in _table().items():
+    for key, entry in phrase_table().items():
         if not entry.fuzzy:
             continue
         sides = {s.laterality for s in entry.structures}
         if q.laterality and entry.kind != "not_supported" and sides and q.laterality not in sides:
             continue
         out.append((_similarity(q, key), key, entry))
-    out.sort(key=lambda t: (-t[0], _rank(t[2]), t[1]))
+    out.sort(key=lambda t: (-t[0], rank(t[2]), t[1]))
     return out
 
 
-def _suggest(ranked: Sequence[tuple[float, str, _Entry]], n: int = 3) -> list[Structure]:
+def _suggest(ranked: Sequence[tuple[float, str, Entry]], n: int = 3) -> list[Structure]:
     seen: list[Structure] = []
     for _, _, entry in ranked:
         for s in entry.structures:
@@ -357,7 +145,7 @@ def _suggest(ranked: Sequence[tuple[float, str, _Entry]], n: int = 3) -> list[St
     return seen[:n]
 
 
-def _accept(text: str, entry: _Entry, q: _Query, *, score: float, fuzzy: bool) -> Resolution:
+def _accept(text: str, entry: Entry, q: Query, *, score: float, fuzzy: bool) -> Resolution:
     """Turn a matched entry into a Resolution, or refuse it with the entry's reason."""
     kind = entry.kind
     if (
@@ -372,7 +160,7 @@ def _accept(text: str, entry: _Entry, q: _Query, *, score: float, fuzzy: bool) -
         nearest = entry.structures
         hint = f" Nearest: {_names(nearest)}." if nearest else ""
         raise UnresolvedStructure(
-            f"{text!r} is not one of the 32 structures CDPDNet segments{note}.{hint} "
+            f"{text!r} is not one of the {len(STRUCTURES)} structures CDPDNet segments{note}.{hint} "
             "Run `cdpdnet structures` for the list.",
             text=text,
             kind="not_supported",
@@ -426,7 +214,7 @@ def _accept(text: str, entry: _Entry, q: _Query, *, score: float, fuzzy: bool) -
     return Resolution(text, s, 1.0, "synonym", f"{entry.phrase!r} is a synonym of {s.name}")
 
 
-def _lexical(text: str, q: _Query, threshold: float) -> tuple[Resolution | None, list, str | None]:
+def _lexical(text: str, q: Query, threshold: float) -> tuple[Resolution | None, list, str | None]:
     """(resolution, ranked fuzzy candidates, why refused) for the offline stages."""
     if q.text.isdigit():
         n = int(q.text)
@@ -434,7 +222,7 @@ def _lexical(text: str, q: _Query, threshold: float) -> tuple[Resolution | None,
             s = STRUCTURES[n - 1]
             return Resolution(text, s, 1.0, "exact", f"structure number {n}"), [], None
         return None, [], f"structure numbers run from 1 to {len(STRUCTURES)}"
-    entry = _table().get(q.text) or _compact_table().get(q.compact)
+    entry = phrase_table().get(q.text) or compact_table().get(q.compact)
     if entry is not None:
         return _accept(text, entry, q, score=1.0, fuzzy=False), [], None
     if len(q.compact) < _MIN_FUZZY_LENGTH:
@@ -461,21 +249,6 @@ def _lexical(text: str, q: _Query, threshold: float) -> tuple[Resolution | None,
     return _accept(text, best, q, score=best_score, fuzzy=True), ranked, None
 
 
-@lru_cache(maxsize=1)
-def _compact_table() -> dict[str, _Entry]:
-    """Same table keyed without spaces ("gall bladder" == "gallbladder"); unambiguous keys only."""
-    out: dict[str, _Entry] = {}
-    clash: set[str] = set()
-    for key, entry in _table().items():
-        c = key.replace(" ", "")
-        if c in out and out[c].target != entry.target:
-            clash.add(c)
-        out.setdefault(c, entry)
-    for c in clash:
-        del out[c]
-    return out
-
-
 def resolve(
     text: str,
     *,
@@ -497,7 +270,7 @@ def resolve(
     if not isinstance(text, str):
         raise UnresolvedStructure(f"{text!r} is not text", text=str(text), kind="empty")
     text = " ".join(text.split())
-    q = _analyse(text)
+    q = analyse(text)
     if not q.text:
         raise UnresolvedStructure(
             "no structure name given: type one, e.g. 'liver' or 'left kidney'",
@@ -540,7 +313,7 @@ def resolve(
         why = f"{why}; {clip_why}" if why else clip_why
     nearest = f" Nearest: {_names(suggestions)}." if suggestions else ""
     raise UnresolvedStructure(
-        f"{text!r} is not one of the 32 structures CDPDNet segments ({why}).{nearest} "
+        f"{text!r} is not one of the {len(STRUCTURES)} structures CDPDNet segments ({why}).{nearest} "
         "Run `cdpdnet structures` for the list.",
         text=text,
         kind="unknown",
@@ -596,19 +369,16 @@ class _ClipRanking:
 
 
 # --------------------------------------------------------------------------- many
-_SPLIT = re.compile(r"\s*(?:[,;\n/+&]|\band\b|\bplus\b|\bund\b|\bet\b)\s*", re.IGNORECASE)
-
-
 def _pieces(text: str) -> list[str]:
-    return [p.strip() for p in _SPLIT.split(text) if p and p.strip()]
+    return [p.strip() for p in LIST_SEPARATOR.split(text) if p and p.strip()]
 
 
 def _exact_only(phrase: str) -> list[Structure] | None:
     """Structures a phrase names exactly (a name, synonym or group), else None."""
-    q = _analyse(phrase)
+    q = analyse(phrase)
     if not q.text or q.conflicting:
         return None
-    entry = _table().get(q.text) or _compact_table().get(q.compact)
+    entry = phrase_table().get(q.text) or compact_table().get(q.compact)
     if entry is None:
         return None
     if entry.kind in ("name", "synonym", "part"):
@@ -626,13 +396,13 @@ def _expand_sides(pieces: list[str]) -> list[str]:
     """ "left and right kidney" / "kidney left and right" -> one phrase per side."""
     out = list(pieces)
     for i, piece in enumerate(pieces):
-        q = _analyse(piece)
+        q = analyse(piece)
         bare = q.laterality is not None and q.text == q.laterality
         if not bare:
             continue
         neighbours = [j for j in (i + 1, i - 1) if 0 <= j < len(pieces)]
         for j in neighbours:
-            nq = _analyse(pieces[j])
+            nq = analyse(pieces[j])
             if nq.laterality and nq.laterality != q.laterality and nq.text != nq.laterality:
                 out[i] = f"{q.laterality} {nq.text.split(' ', 1)[1]}"
                 break
