@@ -30,7 +30,7 @@ import numpy as np
 
 from napari_cdpdnet.errors import InputError
 from napari_cdpdnet.geometry import Geometry
-from napari_cdpdnet.io.images import write_label_map
+from napari_cdpdnet.io import write_label_map
 
 __all__ = ["write_labels", "write_labels_dicom_seg", "geometry_for_layer", "WRITABLE_SUFFIXES"]
 

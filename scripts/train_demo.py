@@ -117,7 +117,7 @@ def split_sides(
     with the geometry of that part of the source grid.
     """
     from napari_cdpdnet.geometry import Geometry
-    from napari_cdpdnet.io.images import write_image, write_label_map
+    from napari_cdpdnet.io import write_image, write_label_map
 
     if sorted(sides) != ["left", "right"]:
         raise ValueError(f"sides must be 'right' and 'left' in some order, got {tuple(sides)}")
@@ -335,7 +335,7 @@ def run_demo(
     models are then fine-tuned from it for ``steps`` at ``finetune_lr`` (default ``lr``/3):
     the user's case of adapting a trained model to partially labelled data.
     """
-    from napari_cdpdnet.io.images import read_ct, read_label_map, write_label_map
+    from napari_cdpdnet.io import read_ct, read_label_map, write_label_map
     from napari_cdpdnet.vocabulary.labelmaps import TOTALSEGMENTATOR_TOTAL, remap
 
     t0 = time.perf_counter()

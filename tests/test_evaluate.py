@@ -11,7 +11,7 @@ import pytest
 
 from napari_cdpdnet.cli import main
 from napari_cdpdnet.geometry import Geometry
-from napari_cdpdnet.io.images import read_label_map, write_label_map
+from napari_cdpdnet.io import read_label_map, write_label_map
 from napari_cdpdnet.training.evaluation import (
     SCORE_COLUMNS,
     _surface,

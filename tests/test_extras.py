@@ -75,7 +75,7 @@ def test_train_without_monai_names_the_train_extra(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     from napari_cdpdnet.geometry import Geometry
-    from napari_cdpdnet.io.images import write_image, write_label_map
+    from napari_cdpdnet.io import write_image, write_label_map
 
     g = Geometry((3.0, 3.0, 3.0), (0.0, 0.0, 0.0), np.eye(3).ravel(), (8, 8, 8))
     write_image(tmp_path / "ct.nii.gz", np.zeros((8, 8, 8), np.int16), g)
@@ -104,7 +104,7 @@ def test_evaluate_plot_without_matplotlib_refuses_before_writing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     from napari_cdpdnet.geometry import Geometry
-    from napari_cdpdnet.io.images import write_label_map
+    from napari_cdpdnet.io import write_label_map
 
     g = Geometry((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3).ravel(), (6, 6, 6))
     lab = np.zeros((6, 6, 6), np.uint8)

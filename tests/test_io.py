@@ -15,7 +15,7 @@ from dicom_synth import stack_positions, write_series
 from napari_cdpdnet import io
 from napari_cdpdnet.errors import CdpdnetError, InputError, OutputExistsError
 from napari_cdpdnet.geometry import Geometry
-from napari_cdpdnet.io.images import (
+from napari_cdpdnet.io import (
     LABEL_MAP_SUFFIXES,
     is_supported_path,
     list_dicom_series,

@@ -131,7 +131,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory, shared_path) -> dict[str, Pat
     """Tiny official-format weights and a small real CT crop (one model window per pass)."""
     from model_support import write_tiny_weights
 
-    from napari_cdpdnet.io.images import read_ct, write_image
+    from napari_cdpdnet.io import read_ct, write_image
 
     folder = tmp_path_factory.mktemp("roi-cli")
     ckpt, dino, _ = write_tiny_weights(folder / "weights")

@@ -197,7 +197,7 @@ def test_cli_train_then_segment_by_example(tmp_path: Path, shared_path, capsys) 
 
     from napari_cdpdnet.cli import main
     from napari_cdpdnet.example.ranking import crop_geometry
-    from napari_cdpdnet.io.images import read_ct, read_label_map, write_image
+    from napari_cdpdnet.io import read_ct, read_label_map, write_image
 
     ckpt, dino, _ = write_tiny_weights(tmp_path / "w", config=_tiny512())
     ct = read_ct(shared_path("data", "totalsegmentator", "example_ct.nii.gz"))
@@ -279,7 +279,7 @@ def test_cli_with_model_features(tmp_path: Path, shared_path, capsys) -> None:
 
     from napari_cdpdnet.cli import main
     from napari_cdpdnet.example.ranking import crop_geometry
-    from napari_cdpdnet.io.images import read_ct, read_label_map, write_image, write_label_map
+    from napari_cdpdnet.io import read_ct, read_label_map, write_image, write_label_map
 
     ckpt, dino, _ = write_tiny_weights(tmp_path / "w", config=_tiny512())
     ct = read_ct(shared_path("data", "totalsegmentator", "example_ct_sm.nii.gz"))

@@ -230,7 +230,7 @@ def test_export_options_come_from_the_format_registry(tmp_path: Path, capsys) ->
         assert ("--probabilities" in flags) == (command == "segment")
     # a DICOM-only format on a file input is refused before weights are even looked for
     from napari_cdpdnet.geometry import Geometry
-    from napari_cdpdnet.io.images import write_image
+    from napari_cdpdnet.io import write_image
 
     missing = tmp_path / "no-such-weights.pth"
     ct = tmp_path / "ct.nii.gz"

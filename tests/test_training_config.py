@@ -11,7 +11,7 @@ import pytest
 from napari_cdpdnet.errors import InputError
 from napari_cdpdnet.export.labeltable import build_label_table, write_label_table
 from napari_cdpdnet.geometry import Geometry
-from napari_cdpdnet.io.images import write_label_map
+from napari_cdpdnet.io import write_label_map
 from napari_cdpdnet.training.config import default_task_for, load_config, parse_config
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from napari_cdpdnet.geometry import Geometry
-from napari_cdpdnet.io.images import write_image, write_label_map
+from napari_cdpdnet.io import write_image, write_label_map
 from napari_cdpdnet.training.config import parse_config
 from napari_cdpdnet.training.data import UniformDataset, build_dataset
 

@@ -13,7 +13,7 @@ import torch
 from napari_cdpdnet.cli import main
 from napari_cdpdnet.errors import Cancelled
 from napari_cdpdnet.geometry import Geometry
-from napari_cdpdnet.io.images import write_image, write_label_map
+from napari_cdpdnet.io import write_image, write_label_map
 from napari_cdpdnet.model import build_from_official, load_dino_state_dict, load_official_checkpoint
 from napari_cdpdnet.training.config import parse_config
 from napari_cdpdnet.training.schedule import epoch_lr

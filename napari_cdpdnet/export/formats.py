@@ -127,7 +127,7 @@ def split_name(out: Path) -> tuple[str, str]:
 
 # ------------------------------------------------------------------ writers
 def _write_label_map(job: ExportJob, path: Path, row: LabelRow | None) -> None:
-    from napari_cdpdnet.io.images import write_label_map
+    from napari_cdpdnet.io import write_label_map
 
     write_label_map(path, job.labels, job.geometry, label_names={r.value: r.name for r in job.rows})
 
@@ -155,7 +155,7 @@ def _write_mesh(job: ExportJob, path: Path, row: LabelRow | None) -> None:
 
 
 def _write_probability(job: ExportJob, path: Path, row: LabelRow | None) -> None:
-    from napari_cdpdnet.io.images import write_image
+    from napari_cdpdnet.io import write_image
 
     assert row is not None
     write_image(path, job.probabilities[row.value], job.geometry)

@@ -1,4 +1,4 @@
-"""CT volumes from DICOM folders: find the series, order its slices, get the geometry right.
+"""CT volumes from a DICOM series: order its slices, get the geometry right, decode the pixels.
 
 Headers are inspected with pydicom (no pixel data is read); pixels are decoded per file by
 SimpleITK/GDCM, which handles the compressed transfer syntaxes (JPEG, JPEG-LS, JPEG 2000, RLE)
@@ -8,18 +8,18 @@ averages uneven slice gaps and ignores gantry tilt without telling anyone. Here 
 reported as warnings, and corrected by interpolation so that every voxel sits where the scanner
 says it is.
 
-Only numpy is imported at module level; pydicom, SimpleITK and scipy are imported when used.
+Finding and grouping the files is :mod:`napari_cdpdnet.io.dicom_scan`. Only numpy is imported at
+module level; pydicom, SimpleITK and scipy are imported when used.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +27,32 @@ import numpy as np
 
 from napari_cdpdnet.errors import InputError
 from napari_cdpdnet.geometry import DicomReference, Geometry
+from napari_cdpdnet.io.dicom_scan import (
+    CT_MODALITIES,
+    DicomSeriesInfo,
+    folder_has_dicom,
+    frame_count,
+    is_dicom_file,
+    is_image_header,
+    list_dicom_series,
+    select_series,
+    series_of_file,
+    tag_int,
+    tag_str,
+)
 
 __all__ = [
     "DicomSeriesInfo",
     "DicomVolume",
     "list_dicom_series",
     "read_dicom_volume",
+    "select_series",
+    "series_of_file",
     "is_dicom_file",
     "folder_has_dicom",
+    "CT_MODALITIES",
+    "MIN_SPACING_MM",
+    "MAX_SPACING_MM",
 ]
 
 logger = logging.getLogger(__name__)
@@ -51,49 +69,6 @@ _TILT_TOL_PIXELS = 0.05
 #: A resampled series may not grow beyond this many slices (protects memory on absurd gaps).
 _MAX_RESAMPLED_SLICES = 4096
 
-#: Header elements read while scanning (pixel data is never read here).
-_SCAN_TAGS = [
-    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
-    "FrameOfReferenceUID", "Modality", "SeriesDescription", "SeriesNumber", "InstanceNumber",
-    "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns",
-    "NumberOfFrames", "PatientID", "GantryDetectorTilt", "StudyDescription", "StudyDate",
-    "Manufacturer", "ManufacturerModelName", "KVP", "ConvolutionKernel", "SliceThickness",
-    "BodyPartExamined", "ContrastBolusAgent", "ImageType", "AcquisitionNumber",
-]
-
-#: Modalities that are CT (CT proper; "CT" is also used by most PET/CT and SPECT/CT CT parts).
-CT_MODALITIES = frozenset({"CT"})
-
-#: Derived objects that may carry frames but are never a volume to segment.
-_DERIVED_MODALITIES = frozenset({"SEG", "RTSTRUCT", "RTDOSE", "RTPLAN", "SR", "PR", "KO", "REG"})
-
-_MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
-
-
-@dataclass(frozen=True)
-class DicomSeriesInfo:
-    """One series found in a folder (what a user needs to choose it).
-
-    ``num_slices`` counts image files (frames for multi-frame files); ``files`` are in the order
-    they were found, not slice order.
-    """
-
-    uid: str
-    modality: str
-    num_slices: int
-    description: str
-    files: tuple[Path, ...]
-    study_uid: str = ""
-    series_number: int | None = None
-    _headers: tuple[Any, ...] = field(default=(), repr=False, compare=False)
-
-    def describe(self) -> str:
-        """One line for messages: ``CT series 3 "Abdomen 1.0" (512 slices, UID 1.2.3)``."""
-        number = f" {self.series_number}" if self.series_number is not None else ""
-        desc = f' "{self.description}"' if self.description else ""
-        unit = "slice" if self.num_slices == 1 else "slices"
-        return f"{self.modality or '?'} series{number}{desc} ({self.num_slices} {unit}, UID {self.uid})"
-
 
 @dataclass
 class DicomVolume:
@@ -103,226 +78,6 @@ class DicomVolume:
     geometry: Geometry
     info: dict[str, Any]
     warnings: list[str]
-
-
-# ---------------------------------------------------------------------------------- detection
-def is_dicom_file(path: str | Path) -> bool:
-    """True if ``path`` is a file starting with the DICOM preamble (``DICM`` at byte 128)."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
-
-
-def _candidate_files(folder: Path, recursive: bool) -> Iterable[Path]:
-    walker = folder.rglob("*") if recursive else folder.iterdir()
-    for p in sorted(walker):
-        if any(part.startswith(".") for part in p.relative_to(folder).parts):
-            continue
-        if p.is_file() and p.name.upper() != "DICOMDIR":
-            yield p
-
-
-def folder_has_dicom(folder: str | Path, *, max_files: int = 64, max_folders: int = 256) -> bool:
-    """Cheap check: is one of the first ``max_files`` files under ``folder`` DICOM?
-
-    Walks lazily (top folder first, no sorting) and gives up after ``max_files`` files or
-    ``max_folders`` folders, so dropping a huge folder on napari does not stall it.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return False
-    files_seen = 0
-    for n_dirs, (root, dirs, files) in enumerate(os.walk(folder)):
-        if n_dirs >= max_folders:
-            return False
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            if name.startswith(".") or name.upper() == "DICOMDIR":
-                continue
-            if is_dicom_file(os.path.join(root, name)):
-                return True
-            files_seen += 1
-            if files_seen >= max_files:
-                return False
-    return False
-
-
-# ---------------------------------------------------------------------------------- scanning
-def _read_header(path: Path) -> Any | None:
-    """The DICOM header of ``path`` (no pixels), or None if it is not a DICOM file."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_SCAN_TAGS)
-    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError):
-        return None
-    meta_class = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
-    if meta_class == _MEDIA_STORAGE_DIRECTORY:
-        return None
-    return ds
-
-
-def _str(ds: Any, keyword: str) -> str:
-    value = ds.get(keyword, "")
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v) for v in value)
-    return str(value).strip()
-
-
-def _int(ds: Any, keyword: str) -> int | None:
-    try:
-        value = ds.get(keyword)
-        return None if value in (None, "") else int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _is_image(ds: Any) -> bool:
-    return "Rows" in ds and "Columns" in ds
-
-
-def _frames(ds: Any) -> int:
-    return max(1, _int(ds, "NumberOfFrames") or 1)
-
-
-def _scan(folder: Path, recursive: bool) -> tuple[list[DicomSeriesInfo], int]:
-    """All series under ``folder`` (with their headers) and the number of files looked at."""
-    by_series: dict[str, list[tuple[Path, Any]]] = defaultdict(list)
-    n_files = 0
-    for p in _candidate_files(folder, recursive):
-        n_files += 1
-        ds = _read_header(p)
-        if ds is None:
-            continue
-        uid = _str(ds, "SeriesInstanceUID")
-        if not uid:
-            logger.info("%s: DICOM file without SeriesInstanceUID, ignored", p)
-            continue
-        by_series[uid].append((p, ds))
-    series = []
-    for uid, items in by_series.items():
-        first = items[0][1]
-        series.append(
-            DicomSeriesInfo(
-                uid=uid,
-                modality=_str(first, "Modality").upper(),
-                num_slices=sum(_frames(ds) for _, ds in items if _is_image(ds)),
-                description=_str(first, "SeriesDescription"),
-                files=tuple(p for p, _ in items),
-                study_uid=_str(first, "StudyInstanceUID"),
-                series_number=_int(first, "SeriesNumber"),
-                _headers=tuple(ds for _, ds in items),
-            )
-        )
-    series.sort(key=lambda s: (s.study_uid, s.series_number if s.series_number is not None else 1 << 30, s.uid))
-    return series, n_files
-
-
-def list_dicom_series(folder: str | Path, *, recursive: bool = True) -> list[DicomSeriesInfo]:
-    """Every DICOM series under ``folder`` (sub-folders included unless ``recursive=False``).
-
-    Non-DICOM files are skipped. Non-image series (structured reports, segmentations without
-    frames, …) are listed with ``num_slices == 0``.
-
-    Raises:
-        InputError: ``folder`` does not exist, is not a folder, or is empty.
-    """
-    folder = Path(folder)
-    if not folder.exists():
-        raise InputError(f"{folder}: no such folder")
-    if not folder.is_dir():
-        raise InputError(f"{folder}: not a folder (give the folder that holds the DICOM series)")
-    series, n_files = _scan(folder, recursive)
-    if n_files == 0:
-        raise InputError(f"{folder}: the folder is empty; give the folder that holds the DICOM files")
-    return series
-
-
-# ---------------------------------------------------------------------------------- selection
-def select_series(
-    folder: Path,
-    *,
-    series_uid: str | None,
-    allow_non_ct: bool,
-    recursive: bool = True,
-) -> tuple[DicomSeriesInfo, list[str]]:
-    """The series to read from ``folder`` and any warning about the choice.
-
-    Without ``series_uid``: the CT series with the most slices (other image series only with
-    ``allow_non_ct``); when there was a choice, a warning names the one taken and the others.
-    """
-    series = list_dicom_series(folder, recursive=recursive)
-    images = [s for s in series if s.num_slices > 0 and s.modality not in _DERIVED_MODALITIES]
-    if not series:
-        raise InputError(
-            f"{folder}: no DICOM files found in this folder. For NIfTI, NRRD or MHA give the file "
-            "itself; for DICOM give the folder holding the series' .dcm files."
-        )
-    if series_uid is not None:
-        chosen = next((s for s in series if s.uid == series_uid), None)
-        if chosen is None:
-            listing = "; ".join(s.describe() for s in series)
-            raise InputError(f"{folder}: no series with UID {series_uid}. Series found: {listing}")
-        if chosen.num_slices == 0 or chosen.modality in _DERIVED_MODALITIES:
-            raise InputError(f"{folder}: {chosen.describe()} holds no images to read as a volume")
-        _check_modality(chosen, allow_non_ct, folder)
-        return chosen, []
-    if not images:
-        listing = "; ".join(s.describe() for s in series)
-        raise InputError(
-            f"{folder}: the DICOM files hold no image series, only derived objects (found: "
-            f"{listing}); give the folder of the CT series itself"
-        )
-    ct = [s for s in images if s.modality in CT_MODALITIES]
-    pool = ct if ct else images
-    if not ct and not allow_non_ct:
-        listing = "; ".join(s.describe() for s in images)
-        raise InputError(
-            f"{folder}: no CT series here (found: {listing}). CDPDNet segments CT; to read "
-            "this anyway pass allow_non_ct=True."
-        )
-    chosen = max(pool, key=lambda s: s.num_slices)
-    warnings: list[str] = []
-    others = [s for s in images if s is not chosen]
-    if others:
-        warnings.append(
-            f"{folder} holds {len(images)} image series; read {chosen.describe()}, the "
-            f"{'CT ' if ct else ''}series with the most slices. Others: "
-            + "; ".join(s.describe() for s in others)
-            + ". Pass series_uid=... to read another."
-        )
-    return chosen, warnings
-
-
-def _check_modality(series: DicomSeriesInfo, allow_non_ct: bool, folder: Path) -> None:
-    if series.modality in CT_MODALITIES or allow_non_ct:
-        return
-    raise InputError(
-        f"{folder}: {series.describe()} is {series.modality or 'of unknown modality'}, not CT. "
-        "CDPDNet segments CT only; pass allow_non_ct=True to read it anyway."
-    )
-
-
-def series_of_file(path: Path) -> str:
-    """The SeriesInstanceUID of one DICOM file (to read the series it belongs to)."""
-    ds = _read_header(path)
-    if ds is None:
-        raise InputError(f"{path}: not a DICOM file, or its header is damaged")
-    uid = _str(ds, "SeriesInstanceUID")
-    if not uid:
-        raise InputError(f"{path}: DICOM file without a SeriesInstanceUID; cannot find its series")
-    if not _is_image(ds):
-        raise InputError(
-            f"{path}: a DICOM {_str(ds, 'Modality') or 'object'} without image pixels "
-            "(e.g. a report or a segmentation), not a CT slice"
-        )
-    return uid
 
 
 # ---------------------------------------------------------------------------------- geometry
@@ -383,8 +138,8 @@ def _plan(series: DicomSeriesInfo) -> _Plan:
     """Decide slice order, grid and corrections from the headers alone."""
     warnings: list[str] = []
     info: dict[str, Any] = {}
-    items = [(p, ds) for p, ds in zip(series.files, series._headers, strict=True) if _is_image(ds)]
-    multi = [p for p, ds in items if _frames(ds) > 1]
+    items = [(p, ds) for p, ds in zip(series.files, series._headers, strict=True) if is_image_header(ds)]
+    multi = [p for p, ds in items if frame_count(ds) > 1]
     if multi:
         raise InputError(
             f"{multi[0]}: multi-frame (enhanced) DICOM is not supported yet; convert the series "
@@ -394,7 +149,7 @@ def _plan(series: DicomSeriesInfo) -> _Plan:
     seen: dict[str, Path] = {}
     unique = []
     for p, ds in items:
-        sop = _str(ds, "SOPInstanceUID")
+        sop = tag_str(ds, "SOPInstanceUID")
         if sop and sop in seen:
             logger.info("%s duplicates %s (same SOPInstanceUID), ignored", p, seen[sop])
             continue
@@ -407,8 +162,8 @@ def _plan(series: DicomSeriesInfo) -> _Plan:
         ps = ds.get("PixelSpacing") or ()
         return (
             tuple(round(float(x), 3) for x in iop),
-            _int(ds, "Rows"),
-            _int(ds, "Columns"),
+            tag_int(ds, "Rows"),
+            tag_int(ds, "Columns"),
             tuple(round(float(x), 4) for x in ps),
         )
 
@@ -446,7 +201,7 @@ def _plan(series: DicomSeriesInfo) -> _Plan:
         if not np.isfinite(pos).all():
             raise InputError(f"{p}: ImagePositionPatient {list(pos)} is not a valid position")
         slices.append(_Slice(p, ds, pos, float(pos @ normal)))
-    slices.sort(key=lambda s: (s.along, _int(s.ds, "InstanceNumber") or 0))
+    slices.sort(key=lambda s: (s.along, tag_int(s.ds, "InstanceNumber") or 0))
     along = np.array([s.along for s in slices])
     gaps = np.diff(along)
     if np.any(gaps < _UNIFORM_ABS_TOL_MM):
@@ -515,7 +270,7 @@ def _plan(series: DicomSeriesInfo) -> _Plan:
             "interpolated, not measured. Check that the series is complete."
         )
     _check_spacing((*spacing_xy, spacing_z), f"series {series.uid}")
-    rows, cols = _int(first, "Rows") or 0, _int(first, "Columns") or 0
+    rows, cols = tag_int(first, "Rows") or 0, tag_int(first, "Columns") or 0
     return _Plan(slices, row_dir, col_dir, normal, spacing_xy, rows, cols, inplane_shift,
                  out_along, spacing_z, warnings, info)
 
@@ -646,15 +401,15 @@ def read_dicom_volume(series: DicomSeriesInfo) -> DicomVolume:
     first = plan.slices[0].ds
     direction = np.stack([plan.row_dir, plan.col_dir, plan.normal], axis=1)
     reference = DicomReference(
-        study_instance_uid=_str(first, "StudyInstanceUID"),
+        study_instance_uid=tag_str(first, "StudyInstanceUID"),
         series_instance_uid=series.uid,
-        frame_of_reference_uid=_str(first, "FrameOfReferenceUID"),
-        sop_class_uid=_str(first, "SOPClassUID"),
-        sop_instance_uids=tuple(_str(s.ds, "SOPInstanceUID") for s in plan.slices),
+        frame_of_reference_uid=tag_str(first, "FrameOfReferenceUID"),
+        sop_class_uid=tag_str(first, "SOPClassUID"),
+        sop_instance_uids=tuple(tag_str(s.ds, "SOPInstanceUID") for s in plan.slices),
         files=tuple(str(s.path) for s in plan.slices),
         modality=series.modality,
         series_description=series.description,
-        patient_id=_str(first, "PatientID"),
+        patient_id=tag_str(first, "PatientID"),
     )
     geometry = Geometry(
         spacing=(plan.spacing_xy[0], plan.spacing_xy[1], plan.spacing_z),
@@ -673,16 +428,16 @@ def read_dicom_volume(series: DicomSeriesInfo) -> DicomVolume:
         "series_instance_uid": series.uid,
         "series_number": series.series_number,
         "study_instance_uid": reference.study_instance_uid,
-        "study_description": _str(first, "StudyDescription"),
-        "study_date": _str(first, "StudyDate"),
+        "study_description": tag_str(first, "StudyDescription"),
+        "study_date": tag_str(first, "StudyDate"),
         "patient_id": reference.patient_id,
-        "manufacturer": _str(first, "Manufacturer"),
-        "manufacturer_model": _str(first, "ManufacturerModelName"),
+        "manufacturer": tag_str(first, "Manufacturer"),
+        "manufacturer_model": tag_str(first, "ManufacturerModelName"),
         "kvp": _float_or_none(first.get("KVP")),
-        "convolution_kernel": _str(first, "ConvolutionKernel"),
+        "convolution_kernel": tag_str(first, "ConvolutionKernel"),
         "slice_thickness_mm": _float_or_none(first.get("SliceThickness")),
-        "body_part": _str(first, "BodyPartExamined"),
-        "contrast_agent": _str(first, "ContrastBolusAgent"),
+        "body_part": tag_str(first, "BodyPartExamined"),
+        "contrast_agent": tag_str(first, "ContrastBolusAgent"),
         "transfer_syntax": syntaxes.most_common(1)[0][0],
         "num_files": len(plan.slices),
         **plan.info,
