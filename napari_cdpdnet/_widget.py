@@ -50,7 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import napari
     from napari.layers import Image, Labels
 
-    from napari_cdpdnet.example.ranking import ROI
+    from napari_cdpdnet.example.marks import ROI
     from napari_cdpdnet.inference.settings import SegmentationSettings
 
 __all__ = ["SegmentationWidget"]

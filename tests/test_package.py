@@ -85,3 +85,14 @@ def test_triton_is_blocked_without_cuda_so_opengl_processes_survive() -> None:
         "        raise AssertionError('triton imported')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_modules_stay_small_enough_to_read() -> None:
+    """No module over ~600 lines unless its docstring says why (docs/architecture.md)."""
+    root = Path(napari_cdpdnet.__file__).parent
+    long = []
+    for path in root.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        if text.count("\n") > 620 and "longer than 600 lines because" not in text.lower():
+            long.append(f"{path.relative_to(root)}: {text.count(chr(10))} lines")
+    assert not long, long

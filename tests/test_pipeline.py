@@ -125,7 +125,7 @@ def test_roi_limits_windows_and_labels(shared_path) -> None:
     roi = (tuple(centre - 20), tuple(centre + 20))
     predictor = Recorder(TinyModel())
     result = segment_array(array, geometry, [(0, [5])], predictor,
-                           SegmentationSettings(device="cpu", roi=roi), **OFFICIAL)
+                           SegmentationSettings(device="cpu", box=roi), **OFFICIAL)
     # a 40 mm box meets at most 3 windows per axis; the whole image needs 5·3·5 + … = 80
     assert result.windows == predictor.windows <= 27 < result.windows_total == 80
     # labels only inside the box (voxel centres within 20 mm of the centre on every axis)
@@ -242,7 +242,7 @@ def test_bad_arrays_and_settings() -> None:
                       **OFFICIAL)
     with pytest.raises(InputError, match="does not overlap"):
         segment_array(np.zeros(geometry.shape, np.int16), geometry, [(0, [5])], TinyModel(),
-                      SegmentationSettings(device="cpu", roi=((500, 500, 500), (600, 600, 600))),
+                      SegmentationSettings(device="cpu", box=((500, 500, 500), (600, 600, 600))),
                       **OFFICIAL)
     with pytest.raises(InputError, match="preset"):
         SegmentationSettings(preset="quick")

@@ -9,9 +9,9 @@ import pytest
 from roi_support import flipped
 
 from napari_cdpdnet.errors import InputError
+from napari_cdpdnet.example.marks import ROI
 from napari_cdpdnet.example.ranking import (
     FALLBACK_METHOD,
-    ROI,
     crop_around,
     crop_geometry,
     rank_by_probability,

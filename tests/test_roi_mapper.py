@@ -22,7 +22,7 @@ from napari_cdpdnet.example.mapper import (
     train_mapper,
     training_set,
 )
-from napari_cdpdnet.example.ranking import ROI
+from napari_cdpdnet.example.marks import ROI
 from napari_cdpdnet.geometry import Geometry
 from napari_cdpdnet.vocabulary.labelmaps import TOTALSEGMENTATOR_TOTAL, remap
 

@@ -240,3 +240,16 @@ def test_export_options_come_from_the_format_registry(tmp_path: Path, capsys) ->
                  "--offline"])
     assert code == 2 and "--dicom-seg needs a DICOM series" in capsys.readouterr().err
     assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_a_model_whose_outputs_do_not_match_the_vocabulary_is_refused(
+    weights, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An edited structures.json (or a checkpoint of another label set) must not mislabel masks."""
+    import napari_cdpdnet.vocabulary.catalog as catalog
+    from napari_cdpdnet.errors import WeightsError
+    from napari_cdpdnet.inference.segmenter import Segmenter
+
+    monkeypatch.setattr(catalog, "STRUCTURES", catalog.STRUCTURES[:-1])
+    with pytest.raises(WeightsError, match="predicts 32 structures but the vocabulary"):
+        Segmenter(checkpoint=weights[0], dino=weights[1], allow_download=False).model("cpu")

@@ -2,7 +2,7 @@
 
 The core does the work (:func:`napari_cdpdnet.example.run.segment_by_example`): rank the 32
 structures for the mark and segment the best one into a new layer. This panel turns the marks
-into an :class:`~napari_cdpdnet.example.ranking.ROI` (through
+into an :class:`~napari_cdpdnet.example.marks.ROI` (through
 :mod:`~napari_cdpdnet._gui.layer_input`), starts the job on the dock's shared run machinery
 (busy guard, Cancel, progress, status) and shows the ranking. The optional learned mapper is a
 magicgui :class:`~magicgui.widgets.FileEdit`; its file is loaded in the worker.
@@ -24,7 +24,7 @@ from napari_cdpdnet._gui import layers as _layers
 from napari_cdpdnet._gui.layer_input import ClickTool, ImageSnapshot
 from napari_cdpdnet._gui.run_panel import duration
 from napari_cdpdnet.errors import CdpdnetError, InputError
-from napari_cdpdnet.example.ranking import ROI
+from napari_cdpdnet.example.marks import ROI
 from napari_cdpdnet.inference.segmenter import Segmenter
 from napari_cdpdnet.inference.settings import SegmentationSettings
 

@@ -10,8 +10,8 @@ written once:
 * clicks on the canvas (:class:`ClickTool`), and world → voxel conversion of clicks and of
   shape vertices (a 2-D Shapes layer lacks the leading axes: they span the image for a box
   that limits a run, and take the displayed slice for a mark);
-* voxel points → the LPS-mm box of ``SegmentationSettings.roi`` ("Limit to box"), and → the
-  segment-by-example :class:`~napari_cdpdnet.example.ranking.ROI` (click, rectangle, scribble).
+* voxel points → the LPS-mm box of ``SegmentationSettings.box`` ("Limit to box"), and → the
+  segment-by-example :class:`~napari_cdpdnet.example.marks.ROI` (click, rectangle, scribble).
 
 What the dock writes *to* the viewer (result layers, merges, picks) is in
 :mod:`napari_cdpdnet._gui.layers`. napari itself is imported only inside the functions that
@@ -28,7 +28,7 @@ import numpy as np
 
 from napari_cdpdnet._gui.layers import is_cdpdnet_layer
 from napari_cdpdnet.errors import InputError
-from napari_cdpdnet.example.ranking import ROI
+from napari_cdpdnet.example.marks import ROI
 from napari_cdpdnet.geometry import Geometry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -201,7 +201,7 @@ def vertices_to_index(
 
 # --------------------------------------------------------------------------- "Limit to box"
 def limit_box(viewer: napari.Viewer, image: Image) -> Box:
-    """The LPS-mm box (``SegmentationSettings.roi``) of the last rectangle on a Shapes layer.
+    """The LPS-mm box (``SegmentationSettings.box``) of the last rectangle on a Shapes layer.
 
     Raises:
         InputError: no Shapes layer holds a rectangle, or it misses the image.
@@ -217,7 +217,7 @@ def limit_box(viewer: napari.Viewer, image: Image) -> Box:
 
 
 def roi_from_index_points(points: np.ndarray, geometry: Geometry) -> Box:
-    """The LPS-mm ROI box (``SegmentationSettings.roi``) of a box drawn in voxel coordinates.
+    """The LPS-mm ROI box (``SegmentationSettings.box``) of a box drawn in voxel coordinates.
 
     ``points`` are ``[z, y, x]`` voxel coordinates of the drawn shape's vertices (NaN for an axis
     the shape does not have). A rectangle drawn on one slice is flat along one axis; that axis,

@@ -223,12 +223,12 @@ class RunPanel(QWidget):
     def settings(self, image: Any, n_structures: int = 1) -> SegmentationSettings:
         """Settings from the controls; probabilities are kept for point and click when they fit
         in :data:`PROBABILITY_BUDGET`."""
-        roi = layer_input.limit_box(self._dock.viewer, image) if self.box.value else None
+        box = layer_input.limit_box(self._dock.viewer, image) if self.box.value else None
         voxels = int(np.prod(image.metadata["geometry"].shape))
         return SegmentationSettings(
             preset=self.preset.value,
             device=self.device.value,
-            roi=roi,
+            box=box,
             return_probabilities=voxels * 4 * max(1, n_structures) <= PROBABILITY_BUDGET,
         )
 

@@ -17,14 +17,16 @@ from qtpy.QtWidgets import QFileDialog, QGroupBox, QHBoxLayout, QLabel, QPushBut
 from napari_cdpdnet._gui import notify
 from napari_cdpdnet.errors import CdpdnetError
 from napari_cdpdnet.inference.segmenter import Segmenter
+from napari_cdpdnet.weights.registry import REGISTRY
 
 if TYPE_CHECKING:  # pragma: no cover
     from napari_cdpdnet._widget import SegmentationWidget
 
 __all__ = ["WeightsPanel"]
 
-#: What a download fetches: the CDPDNet checkpoint and the DINOv2 backbone.
-_COMPONENTS = ["cdpdnet", "dinov2-base"]
+#: What a download fetches: every component a segmentation needs (the registry's non-optional
+#: ones: the CDPDNet checkpoint and the DINOv2 backbone).
+_COMPONENTS = [s.name for s in REGISTRY if not s.optional]
 
 
 class WeightsPanel(QGroupBox):

@@ -165,10 +165,10 @@ def run(args: argparse.Namespace) -> int:
     outputs = _outputs_for(args)
     formats = chosen_formats(args)
     check_outputs(outputs, [], formats, args.overwrite)
-    roi = None if args.box is None else (tuple(args.box[:3]), tuple(args.box[3:]))
+    box = None if args.box is None else (tuple(args.box[:3]), tuple(args.box[3:]))
     settings = SegmentationSettings(
         preset=args.preset, device=args.device, threads=args.threads, autocast=args.autocast,
-        roi=roi, return_probabilities=any(FORMATS[name].needs_probabilities for name in formats),
+        box=box, return_probabilities=any(FORMATS[name].needs_probabilities for name in formats),
     )
     segmenter = Segmenter(checkpoint=args.checkpoint, dino=args.dino, allow_download=not args.offline)
     structures, resolutions, plan = segmenter.plan(args.structure, force_task=args.task)

@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _roi(args: argparse.Namespace, ct) -> object:
-    from napari_cdpdnet.example.ranking import ROI
+    from napari_cdpdnet.example.marks import ROI
     from napari_cdpdnet.io.images import read_label_map
 
     g = ct.geometry

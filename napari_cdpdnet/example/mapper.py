@@ -38,7 +38,8 @@ import numpy as np
 from napari_cdpdnet.errors import InputError, WeightsError
 from napari_cdpdnet.example.attributes import FEATURE_NAMES as ATTRIBUTE_FEATURES
 from napari_cdpdnet.example.attributes import BodyFrame, body_frame, instance_attributes
-from napari_cdpdnet.example.ranking import ROI, Candidate, Ranking, crop_geometry
+from napari_cdpdnet.example.marks import ROI
+from napari_cdpdnet.example.ranking import Candidate, Ranking, crop_geometry
 from napari_cdpdnet.geometry import Geometry
 from napari_cdpdnet.vocabulary.catalog import STRUCTURES, structure
 

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from napari_cdpdnet.example.marks import ROI
 from napari_cdpdnet.example.ranking import (
-    ROI,
     Ranking,
     crop_around,
     crop_geometry,

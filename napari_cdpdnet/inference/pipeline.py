@@ -230,7 +230,7 @@ def segment_array(
         run.check("before it started")
         t0 = run.emit("preprocess", 0, 1, "Resampling to 1.5 mm and windowing")
         pre = preprocess(array, geometry)
-        box = box_to_preprocessed(settings.roi, pre) if settings.roi is not None else None
+        box = box_to_preprocessed(settings.box, pre) if settings.box is not None else None
         plan = plan_windows(pre.shape, overlap=settings.effective_overlap, box=box,
                             image=pre.image, skip_air=settings.effective_skip_air)
         run.timings["preprocess"] = time.perf_counter() - t0

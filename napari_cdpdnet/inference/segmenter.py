@@ -184,6 +184,14 @@ class Segmenter:
                 f"the weights in {files.checkpoint} and {files.dino_weights} do not build a CDPDNet "
                 f"model: {exc}"
             ) from exc
+        from napari_cdpdnet.vocabulary.catalog import STRUCTURES
+
+        outputs = getattr(module, "num_classes", len(STRUCTURES))
+        if outputs != len(STRUCTURES):  # a checkpoint of another label set, or an edited vocabulary
+            raise WeightsError(
+                f"{files.checkpoint} predicts {outputs} structures but the vocabulary "
+                f"(resources/structures.json) lists {len(STRUCTURES)}: they must match one to one"
+            )
         logger.info("model loaded in %.1f s (%s)", time.perf_counter() - t0, files.sources)
         return module
 

@@ -14,7 +14,7 @@ from napari_cdpdnet.errors import InputError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["Preset", "PRESETS", "DEFAULT_PRESET", "RoiBox", "SegmentationSettings", "preset_help"]
+__all__ = ["Preset", "PRESETS", "DEFAULT_PRESET", "LpsBox", "SegmentationSettings", "preset_help"]
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ def preset_help() -> str:
     return "; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values())
 
 #: ``(corner, opposite corner)``, LPS millimetres.
-RoiBox = tuple[tuple[float, float, float], tuple[float, float, float]]
+LpsBox = tuple[tuple[float, float, float], tuple[float, float, float]]
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class SegmentationSettings:
             2 on GPUs as the official code; results do not depend on it).
         overlap: window overlap (None: preset; official 0.5).
         skip_air: skip windows holding only air (None: preset).
-        roi: box ``((x0, y0, z0), (x1, y1, z1))`` in LPS mm; only windows covering it run and
+        box: ``((x0, y0, z0), (x1, y1, z1))`` in patient LPS mm (``--box``, "Limit to box"); only windows covering it run and
             labels outside it are background.
         return_probabilities: also return per-structure sigmoid maps on the source grid (before
             post-processing; float32, 4 bytes per voxel per structure).
@@ -85,7 +85,7 @@ class SegmentationSettings:
     sw_batch_size: int | None = None
     overlap: float | None = None
     skip_air: bool | None = None
-    roi: RoiBox | None = None
+    box: LpsBox | None = None
     return_probabilities: bool = False
 
     def __post_init__(self) -> None:
@@ -116,5 +116,5 @@ class SegmentationSettings:
 
     @property
     def is_official(self) -> bool:
-        """True when nothing deviates from the official pipeline (ROI aside, which only restricts)."""
+        """True when nothing deviates from the official pipeline (the box aside, which only restricts)."""
         return self.effective_overlap == 0.5 and not self.effective_skip_air and not self.autocast
