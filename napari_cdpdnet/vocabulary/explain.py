@@ -56,21 +56,29 @@ def resolution_line(r: Resolution) -> str:
 
 
 def task_prompt_line(task: Task) -> str:
-    """The TTPG prompt a pass runs: task id, dataset and the official sentence."""
+    """The TTPG prompt a pass runs: the official sentence of its task's row."""
     note = f" ({task.prompt_note})" if task.prompt_note else ""
-    return f'task {task.id} ({task.name}) prompt: "{task.prompt}"{note}'
+    return f'task prompt: "{task.prompt}"{note}'
 
 
-def understanding_lines(resolutions: Sequence[Resolution], plan: SegmentationPlan) -> list[str]:
-    """Every line of "how the request was understood": phrases, then each pass's task prompt."""
-    lines = [resolution_line(r) for r in resolutions]
+def understanding_lines(
+    resolutions: Sequence[Resolution], plan: SegmentationPlan, *, reasons: bool = False
+) -> list[str]:
+    """Every line of "how the request was understood": each phrase (with its reason, indented,
+    when ``reasons``), then the plan with the task prompt sentence of each pass (the lines of
+    ``plan.describe()``, prompts added)."""
+    lines = []
+    for r in resolutions:
+        lines.append(resolution_line(r))
+        if reasons:
+            lines.append(f"    {r.reason}")
     if any(r.source == "CLIP" for r in resolutions):
         lines.append(CLIP_SCOPE_NOTE)
-    n = len(plan.passes)
-    lines.append(f"{n} pass{'es' if n != 1 else ''} (TTPG task prompts):")
-    for i, p in enumerate(plan.passes, start=1):
-        lines.append(f"  pass {i}: {', '.join(s.name for s in p.structures)}")
-        lines.append(f"    {task_prompt_line(p.task)}")
+    described = plan.describe().splitlines()
+    lines.append(described[0])
+    for p, line in zip(plan.passes, described[1 : 1 + len(plan.passes)], strict=True):
+        lines += [line, f"    {task_prompt_line(p.task)}"]
+    lines += described[1 + len(plan.passes) :]
     return lines
 
 
