@@ -235,16 +235,13 @@ class ClipScorer:
         if self._organ is None:
             from napari_cdpdnet.weights import resolve_checkpoint
 
-            try:  # an explicit checkpoint must be usable; a missing one is only looked for
+            try:  # looked for, never downloaded for this
                 path = resolve_checkpoint(self._checkpoint, allow_download=False)
-            except WeightsError:
-                if self._checkpoint is not None:
-                    raise
-                path = None
-            if path is not None:
                 self._organ = load_organ_embeddings(path)
                 self.organ_source = f"checkpoint buffer ({path})"
-            else:
+            except WeightsError as exc:  # absent, or not the official 32 x 512 table
+                if self._checkpoint is not None:
+                    logger.warning("CLIP: %s; computing the organ embeddings instead", exc)
                 self._organ = tower.encode([s.prompt for s in STRUCTURES])
                 self.organ_source = "computed by CLIP from the official prompts"
             logger.info("CLIP organ embeddings: %s", self.organ_source)
