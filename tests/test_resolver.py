@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from napari_cdpdnet.errors import VocabularyError, WeightsError
-from napari_cdpdnet.vocabulary.catalog import STRUCTURES, structure
+from napari_cdpdnet.vocabulary.catalog import LANGUAGES, STRUCTURES, structure
 from napari_cdpdnet.vocabulary.resolver import (
     ClipThresholds,
     UnresolvedStructure,
@@ -251,6 +251,14 @@ def test_every_phrase_in_the_data_resolves_to_its_structure() -> None:
     for s in STRUCTURES:
         for phrase in (*s.synonyms, *s.abbreviations, *s.part_terms):
             assert resolve(phrase).structure == s, phrase
+        names = {normalize(s.name), normalize(s.official_name)}
+        for code, phrase in s.other_languages:  # and says which language it read
+            r = resolve(phrase)
+            if normalize(phrase) in names:  # "pancréas" without its accent is the name itself
+                assert (r.structure, r.source) == (s, "name"), phrase
+                continue
+            assert (r.structure, r.source) == (s, "language"), phrase
+            assert LANGUAGES[code] in r.language and r.language in r.reason, phrase
 
 
 def test_word_lists_are_read_from_terms_json() -> None:

@@ -265,7 +265,7 @@ def _accept(text: str, entry: Entry, q: Query, *, score: float, fuzzy: bool) -> 
             source="part",
         )
     if entry.source == "language":
-        language = LANGUAGES.get(entry.language, entry.language)
+        language = " or ".join(LANGUAGES.get(c, c) for c in entry.language.split(","))
         return Resolution(
             text, s, 1.0, "synonym", f"{entry.phrase!r} is {language} for {s.name}",
             source="language", language=language,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from napari_cdpdnet._resources import load_json
@@ -128,7 +128,8 @@ class Entry:
     note: str = ""
     fuzzy: bool = True  # short abbreviations only match exactly
     #: Where the phrase comes from, for users: "name", "synonym", "abbreviation", "part" or
-    #: "language" (then ``language`` is its code in catalog.LANGUAGES); "" for special terms.
+    #: "language" (then ``language`` is its code in catalog.LANGUAGES, or several joined by
+    #: commas when one spelling is shared); "" for special terms.
     source: str = ""
     language: str = ""
 
@@ -155,6 +156,9 @@ def phrase_table() -> dict[str, Entry]:
             )
         if old is None or rank(entry) < rank(old):
             table[key] = entry
+        elif old.source == entry.source == "language" and entry.language not in old.language.split(","):
+            # one spelling, two languages ("esofago": Spanish and Italian, once accents are gone)
+            table[key] = replace(old, language=f"{old.language},{entry.language}")
 
     for s in STRUCTURES:
         for phrase in (s.name, s.official_name, s.key.replace("_", " ")):
