@@ -32,9 +32,9 @@ def add_clip_options(p: argparse.ArgumentParser, *, bare_flag_means_on: bool = F
     """``--clip``, ``--clip-weights``, ``--clip-threshold`` and ``--clip-margin`` on ``p``."""
     g = p.add_argument_group(
         "matching typed names with CLIP",
-        "Names, synonyms, abbreviations, typos and other languages are matched by the lexicon; "
-        "CLIP ViT-B/32 ranks the 32 fixed structures for wording the lexicon does not know "
-        "(it never adds a structure).",
+        "Names, synonyms, abbreviations, typos and other languages are matched by the\n"
+        "lexicon; CLIP ViT-B/32 ranks the 32 fixed structures for wording the lexicon\n"
+        "does not know (it never adds a structure).",
     )
     g.add_argument(
         "--clip",

@@ -34,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--resolve",
         metavar="TEXT",
-        help='resolve free text, e.g. "IVC, kidney left and liver lesion", and show the plan',
+        help='resolve free text, e.g. "IVC, kidney left and liver lesion": how each name was '
+        "understood, and the plan with its task prompts",
     )
     p.add_argument("--offline", action="store_true", help="with --resolve: never download CLIP's weights")
     add_clip_options(p, bare_flag_means_on=True)
