@@ -247,7 +247,13 @@ class RequestBox(QGroupBox):
                 if self._outcome is not None and self._outcome.key == key:
                     self._show_outcome(self._outcome)
                     return
-                self._show_refused(exc)
+                # neutral while CLIP works: what the lexicon read, and what is being matched
+                self.resolved_label.setText(
+                    f"resolving: CLIP is matching {len(waiting)} phrase{'s' if len(waiting) != 1 else ''} "
+                    "the lexicon does not know..."
+                )
+                self.resolved_label.setStyleSheet("")
+                view.display(exc.resolved, None, None)
                 view.set_matching(waiting)
                 generation = self.generation
                 self.matcher.match(items, key, lambda outcome: self._clip_answered(outcome, generation))
