@@ -130,6 +130,8 @@ class SegmentationWidget(QWidget):
         self.completer = request.completer
         self.tree = request.tree
         self.resolved_label = request.resolved_label
+        self.understanding = request.understanding  # how each phrase was read (CLIP included)
+        self.clip_button = self.weights_panel.clip_button
         self.device_combo = run.device_combo
         self.preset_combo = run.preset_combo
         self.merge_combo = run.merge_combo

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from napari_cdpdnet.commands._clip import add_clip_options, clip_settings, print_understanding
 from napari_cdpdnet.errors import CdpdnetError, InputError
 from napari_cdpdnet.export.formats import FORMATS, optional_formats
 from napari_cdpdnet.geometry import Geometry
@@ -33,8 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "grid (value = structure index 1..32, see 'cdpdnet structures') and a label table "
             "<name>.csv beside it, plus the files the export options ask for: all of them or, "
             "if anything fails, none. CDPDNet always computes the same 32 structures; the names "
-            "you give select which are kept (and which task prompt runs), they are not "
-            "free-form prompts."
+            "you give select which are kept (and which task prompt runs). Wording the lexicon "
+            "does not know is matched to one of the 32 by CLIP (--clip); how each name was "
+            "understood and the task prompt that runs are printed before any work."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
@@ -42,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "  cdpdnet segment ct.nii.gz -s liver -s 'left kidney' -o liver_kidney.nii.gz\n"
             "  cdpdnet segment dicom_folder/ -s 'liver, spleen' -o out/ --dicom-seg --stl\n"
             "  cdpdnet segment a.nii.gz b.nii.gz c.nrrd -s pancreas -o results/ --preset fast\n"
+            "  cdpdnet segment ct.nii.gz -s 'main artery of the abdomen' -o aorta.nii.gz --clip on\n"
         ),
     )
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="CT file or DICOM folder")
@@ -70,6 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", type=int, choices=range(len(TASKS)), metavar="ID",
                    help=f"force one task prompt (0..{len(TASKS) - 1}) instead of the automatic plan")
     add_export_options(p)
+    add_clip_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -170,12 +174,10 @@ def run(args: argparse.Namespace) -> int:
         preset=args.preset, device=args.device, threads=args.threads, autocast=args.autocast,
         box=box, return_probabilities=any(FORMATS[name].needs_probabilities for name in formats),
     )
-    segmenter = Segmenter(checkpoint=args.checkpoint, dino=args.dino, allow_download=not args.offline)
+    segmenter = Segmenter(checkpoint=args.checkpoint, dino=args.dino, allow_download=not args.offline,
+                          **clip_settings(args))
     structures, resolutions, plan = segmenter.plan(args.structure, force_task=args.task)
-    for r in resolutions:
-        if r.method != "exact":
-            print(f"'{r.text}' → {r.structure.name} ({r.method}, confidence {r.confidence:.2f})", file=sys.stderr)
-    print(plan.describe(), file=sys.stderr)
+    print_understanding(resolutions, plan)
     check_outputs(outputs, [s.key for s in structures], formats, args.overwrite)
     segmenter.weights()  # missing weights: one message now, not one per input
 
