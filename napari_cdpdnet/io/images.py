@@ -25,6 +25,8 @@ import numpy as np
 from napari_cdpdnet.errors import InputError
 from napari_cdpdnet.fileutil import full_suffix
 from napari_cdpdnet.geometry import Geometry
+from napari_cdpdnet.io.dicom_kinds import sniff_file_kind
+from napari_cdpdnet.io.dicom_scan import select_series_of_file
 from napari_cdpdnet.io.dicom_series import (
     MAX_SPACING_MM,
     MIN_SPACING_MM,
@@ -35,7 +37,6 @@ from napari_cdpdnet.io.dicom_series import (
     list_dicom_series,
     read_dicom_volume,
     select_series,
-    series_of_file,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -226,16 +227,61 @@ def check_input_path(path: str | os.PathLike[str]) -> Path:
     if suffix in _VOLUME_FORMATS or is_dicom_file(p):
         return p
     if suffix in _DICOM_SUFFIXES:
-        raise InputError(f"{p}: not a DICOM file (no DICM marker), or the file is damaged")
+        kind = sniff_file_kind(p)
+        what = f": it is {kind}, not a CT volume" if kind and kind != "a text file" else ", or the file is damaged"
+        raise InputError(f"{p}: not a DICOM file (no DICM marker){what}")
     raise _unsupported(p)
 
 
 def _unsupported(path: Path) -> InputError:
     suffix = full_suffix(path)
+    kind = sniff_file_kind(path) if path.is_file() else None
+    what = f" ({kind}, not a CT volume)" if kind and kind not in ("a text file",) else ""
     return InputError(
-        f"{path}: unsupported file type {suffix or '(no suffix)'!r}; "
+        f"{path}: unsupported file type {suffix or '(no suffix)'!r}{what}; "
         f"supported: {', '.join(SUPPORTED_IMAGE_SUFFIXES)} or a DICOM folder"
     )
+
+
+def _detached_data_problem(path: Path) -> str | None:
+    """For a header whose voxels live in another file (``.nhdr``, ``.mhd``, or an ``.nrrd``/
+    ``.mha`` that points elsewhere): why that data file cannot be read, or None.
+
+    ITK reports a missing data file as a generic read error; the user needs to hear that the
+    header was found and which file it names is missing.
+    """
+    import re
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(16384)
+    except OSError:
+        return None
+    text = head.split(b"\n\n", 1)[0].decode("latin-1", "replace")
+    names: list[str] = []
+    nrrd = re.findall(r"^data ?file:\s*(.+?)\s*$", text, flags=re.MULTILINE | re.IGNORECASE)
+    meta = re.findall(r"^ElementDataFile\s*=\s*(.+?)\s*$", text, flags=re.MULTILINE)
+    if nrrd:
+        value = nrrd[0]
+        if value.upper().startswith("LIST"):
+            names = [ln.strip() for ln in text.split(nrrd[0], 1)[1].splitlines() if ln.strip()]
+        elif "%" not in value:
+            names = [value]
+    elif meta:
+        value = meta[0]
+        if value.upper() not in ("LOCAL", "LIST") and "%" not in value:
+            names = [value]
+    for name in names:
+        data = (path.parent / name) if not Path(name).is_absolute() else Path(name)
+        if not data.is_file():
+            return (
+                f"{path}: the header names its voxel data file {name!r}, which is missing ({data} "
+                "does not exist); copy the data file next to the header, or give a single-file "
+                "image (.nii.gz, .nrrd, .mha)"
+            )
+        if data.stat().st_size == 0:
+            return f"{path}: its voxel data file {data} is empty (0 bytes)"
+    return None
 
 
 def _read_file(path: Path) -> _Volume:
@@ -250,6 +296,9 @@ def _read_file(path: Path) -> _Volume:
         raise InputError(f"{path}: is a folder, not a {fmt} file")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: the file is empty (0 bytes)")
+    detached = _detached_data_problem(path)
+    if detached:
+        raise InputError(detached)
     reader = sitk.ImageFileReader()
     reader.SetImageIO(io_name)
     reader.SetFileName(str(path))
@@ -417,12 +466,34 @@ def _read_dicom(path: Path, *, series_uid: str | None, allow_non_ct: bool) -> _V
     if path.is_dir():
         series, notes = select_series(path, series_uid=series_uid, allow_non_ct=allow_non_ct)
     else:
-        uid = series_uid or series_of_file(path)
-        series, notes = select_series(
-            path.parent, series_uid=uid, allow_non_ct=allow_non_ct, recursive=False
-        )
+        series, notes = select_series_of_file(path, series_uid=series_uid, allow_non_ct=allow_non_ct)
     vol = read_dicom_volume(series)
     return _Volume(vol.array, vol.geometry, vol.info, notes + vol.warnings)
+
+
+def _finite_only(array: np.ndarray, path: Path) -> tuple[np.ndarray, list[str]]:
+    """Refuse a volume without a single finite voxel; set the non-finite voxels of others to the
+    lowest finite value (air, outside the field of view), with a warning that counts them."""
+    if not np.issubdtype(array.dtype, np.floating) or array.size == 0:
+        return array, []
+    finite = np.isfinite(array)
+    n_bad = int(array.size - np.count_nonzero(finite))
+    if n_bad == 0:
+        return array, []
+    if n_bad == array.size:
+        kinds = sorted({"NaN" if np.isnan(v) else ("+inf" if v > 0 else "-inf")
+                        for v in np.unique(array[:: max(1, array.size // 4096)].ravel()[:64])})
+        raise InputError(
+            f"{path}: no finite voxel: all {array.size} voxels are NaN or infinite "
+            f"({', '.join(kinds) or 'NaN/inf'}); the file holds no image (a failed conversion or "
+            "an empty result). Export the CT again"
+        )
+    low = float(array[finite].min())
+    array = np.where(finite, array, np.float32(low)).astype(array.dtype, copy=False)
+    return array, [
+        f"{path}: {n_bad} of {array.size} voxels are NaN or infinite (e.g. padding outside the "
+        f"field of view); they were set to the lowest finite value, {low:g}"
+    ]
 
 
 def _as_ct_image(path: Path, vol: _Volume, allow_non_ct: bool) -> CTImage:
@@ -439,7 +510,9 @@ def _as_ct_image(path: Path, vol: _Volume, allow_non_ct: bool) -> CTImage:
             f"{path}: modality {modality}, not CT; CDPDNet was trained on CT and its masks will "
             "not be meaningful on this image"
         )
-    array = _as_hu(vol.array)
+    finite, notes = _finite_only(vol.array, path)
+    warnings.extend(notes)
+    array = _as_hu(finite)
     warnings.extend(_hu_warnings(array, path))
     for w in warnings:
         logger.warning("%s", w)
