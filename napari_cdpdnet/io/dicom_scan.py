@@ -200,7 +200,7 @@ def _read_header(path: Path) -> Any | None:
     except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError, AttributeError,
             IndexError, OverflowError, NotImplementedError):
         return None
-    if not ("SOPClassUID" in ds or "Modality" in ds or "Rows" in ds):
+    if not (_is_directory_record(ds) or "SOPClassUID" in ds or "Modality" in ds or "Rows" in ds):
         return None  # forced read of something that is not DICOM
     return ds
 
@@ -276,7 +276,7 @@ class FolderScan:
         images = [s for s, _ in reasons if not_a_volume_reason(s.modality, s.num_slices > 0) is None]
         head = f"{where}: found {self.contents()}, but none forms a CT volume"
         if not images:
-            listing = "; ".join(f"{s.kind} {s.describe()}: {why}" for s, why in reasons)
+            listing = "; ".join(f"{s.describe()}: {why}" for s, why in reasons)
             return (f"{head}: the DICOM files hold no image series, only derived objects or 2-D "
                     f"images (found: {listing}). Give the folder of the CT series itself.")
         if all(why and "not CT" in why for s, why in reasons if s in images):

@@ -166,25 +166,39 @@ def _check_spacing(spacing: tuple[float, ...], path: Path) -> None:
 
 
 def _nifti_data_complete(path: Path, reader: sitk.ImageFileReader) -> bool:
-    """Whether a NIfTI file holds all the voxel bytes its header promises.
+    """Whether a NIfTI file holds all the voxel bytes its header promises (see :func:`_nifti_scan`)."""
+    return _nifti_scan(path, reader)[0]
+
+
+_NIFTI_FLOATS = {"16": "<f4", "64": "<f8"}
+
+
+def _nifti_scan(path: Path, reader: sitk.ImageFileReader) -> tuple[bool, int]:
+    """One streaming pass over a NIfTI file's voxel bytes: (all there?, non-finite floats seen).
 
     ITK's NIfTI reader fills missing data with zeros instead of failing, so a truncated download
-    would otherwise load as a scan with an empty lower part. For ``.nii.gz`` this decompresses
-    the stream once more (without keeping it) and stops as soon as enough bytes have come out.
+    would otherwise load as a scan with an empty lower part; and it silently reads NaN and ±inf
+    voxels as 0 (water), so a volume without one finite voxel would load as a flat image. For
+    ``.nii.gz`` this decompresses the stream once more (without keeping it) and stops as soon as
+    enough bytes have come out.
     """
     import zlib
 
     try:
         ndim = int(reader.GetMetaData("dim[0]"))
         dims = [int(reader.GetMetaData(f"dim[{i}]")) for i in range(1, ndim + 1)]
-        expected = int(float(reader.GetMetaData("vox_offset"))) + math.prod(dims) * int(
-            reader.GetMetaData("bitpix")
-        ) // 8
+        offset = int(float(reader.GetMetaData("vox_offset")))
+        expected = offset + math.prod(dims) * int(reader.GetMetaData("bitpix")) // 8
+        float_type = _NIFTI_FLOATS.get(reader.GetMetaData("datatype").strip())
     except (RuntimeError, ValueError):
         logger.debug("%s: NIfTI header fields missing; completeness not checked", path)
-        return True
+        return True, 0
+    counter = _NonFiniteCounter(offset, float_type)
     if full_suffix(path) != ".nii.gz":
-        return path.stat().st_size >= expected
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                counter.feed(chunk)
+        return path.stat().st_size >= expected, counter.count
     total = 0
     decomp = zlib.decompressobj(wbits=31)
     with open(path, "rb") as fh:
@@ -193,11 +207,13 @@ def _nifti_data_complete(path: Path, reader: sitk.ImageFileReader) -> bool:
             if not pending:
                 pending = fh.read(1 << 20)
                 if not pending:
-                    return False  # the file ends before the data does
+                    return False, counter.count  # the file ends before the data does
             try:
-                total += len(decomp.decompress(pending, 1 << 24))
+                out = decomp.decompress(pending, 1 << 24)
             except zlib.error:
-                return False
+                return False, counter.count
+            total += len(out)
+            counter.feed(out)
             pending = decomp.unconsumed_tail
             if decomp.eof:
                 if total >= expected:
@@ -206,8 +222,40 @@ def _nifti_data_complete(path: Path, reader: sitk.ImageFileReader) -> bool:
                 decomp = zlib.decompressobj(wbits=31)
                 pending = rest + pending
                 if not pending and not (pending := fh.read(1 << 20)):
-                    return False
-    return True
+                    return False, counter.count
+    return True, counter.count
+
+
+class _NonFiniteCounter:
+    """Counts NaN/inf among float voxels fed as a byte stream that starts at the file's start."""
+
+    def __init__(self, offset: int, dtype: str | None) -> None:
+        self.skip, self.dtype, self.count = offset, dtype, 0
+        self.size = np.dtype(dtype).itemsize if dtype else 0
+        self.carry = b""
+
+    def feed(self, data: bytes) -> None:
+        if not self.dtype:
+            return
+        if self.skip:
+            cut = min(self.skip, len(data))
+            data, self.skip = data[cut:], self.skip - cut
+        data = self.carry + data
+        usable = len(data) - len(data) % self.size
+        self.carry = data[usable:]
+        if usable:
+            values = np.frombuffer(data[:usable], self.dtype)
+            self.count += int(values.size - np.count_nonzero(np.isfinite(values)))
+
+
+def _nifti_float_voxels(path: Path) -> np.ndarray:
+    """A NIfTI file's voxels ``[z, y, x]`` with NaN/inf kept (nibabel; ITK turns them into 0)."""
+    import nibabel as nib
+
+    data = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    return np.ascontiguousarray(data.reshape(data.shape[:3]).transpose(2, 1, 0))
 
 
 def check_input_path(path: str | os.PathLike[str]) -> Path:
@@ -332,7 +380,8 @@ def _read_file(path: Path) -> _Volume:
             "several slices in every direction"
         )
     _check_spacing(tuple(reader.GetSpacing())[:3], path)
-    if fmt == "NIfTI" and not _nifti_data_complete(path, reader):
+    complete, non_finite = _nifti_scan(path, reader) if fmt == "NIfTI" else (True, 0)
+    if not complete:
         raise InputError(
             f"{path}: the file is truncated or corrupted: it holds less voxel data than its "
             f"header describes ({' × '.join(str(s) for s in size)} voxels); download or copy it again"
@@ -363,7 +412,10 @@ def _read_file(path: Path) -> _Volume:
             break
     if "descrip" in keys and reader.GetMetaData("descrip").strip():
         info["description"] = reader.GetMetaData("descrip").strip()
-    return _Volume(sitk.GetArrayFromImage(image), geometry, info, [])
+    array = sitk.GetArrayFromImage(image)
+    if non_finite:  # ITK read them as 0; take the voxels as they are stored
+        array = _nifti_float_voxels(path)
+    return _Volume(array, geometry, info, [])
 
 
 # ---------------------------------------------------------------------------------- conversions
