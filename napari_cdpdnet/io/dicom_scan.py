@@ -360,25 +360,34 @@ def dicomdir_files(path: Path) -> list[Path]:
     Raises:
         InputError: the DICOMDIR cannot be read, lists nothing, or its files are missing.
     """
+    import re
+    import warnings
+
     from pydicom.fileset import FileSet
 
     try:
-        fs = FileSet(path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fs = FileSet(path)
         listed = [Path(inst.path) for inst in fs]
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for damaged DICOMDIRs
         raise InputError(f"{path}: a DICOMDIR that cannot be read ({exc}); give its folder instead") from exc
-    if not listed:
+    # pydicom leaves out (with a warning) the records whose files are missing
+    missing = [Path(m.group(1).strip()) for w in caught
+               if (m := re.search(r"does not exist: (.+)$", str(w.message)))]
+    missing += [p for p in listed if not p.is_file()]
+    if not listed and not missing:
         raise InputError(f"{path}: the DICOMDIR lists no files")
-    missing = [p for p in listed if not p.is_file()]
-    if len(missing) == len(listed):
+    present = [p for p in listed if p.is_file()]
+    if not present:
         raise InputError(
-            f"{path}: the DICOMDIR lists {len(listed)} files but none of them is there (first: "
+            f"{path}: the DICOMDIR lists {len(missing)} files but none of them is there (first: "
             f"{missing[0]}); copy the whole folder it came with"
         )
     if missing:
         logger.warning("%s: %d of the %d files it lists are missing (first: %s)", path, len(missing),
-                       len(listed), missing[0])
-    return [p for p in listed if p.is_file()]
+                       len(missing) + len(present), missing[0])
+    return present
 
 
 # ---------------------------------------------------------------------------------- selection
