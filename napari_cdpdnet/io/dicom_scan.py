@@ -267,6 +267,13 @@ class FolderScan:
     def no_volume_message(self, allow_non_ct: bool) -> str:
         """Why nothing here can be read as a CT volume (the one wording every face shows)."""
         where = self.where
+        if not self.series and self.damaged:
+            n = len(self.damaged)
+            return (
+                f"{where}: found {n} file{'s' if n != 1 else ''} marked as DICOM, but none could be "
+                f"read: the headers are damaged or truncated ({', '.join(p.name for p in self.damaged[:3])}"
+                f"{', ...' if n > 3 else ''}). Copy or export the series again."
+            )
         if not self.series:
             return (
                 f"{where}: no DICOM files found in this folder: {self.contents()}. For NIfTI, NRRD or "
@@ -283,8 +290,9 @@ class FolderScan:
             listing = "; ".join(s.describe() for s in images)
             return (f"{head}: no CT series here (found: {listing}). CDPDNet segments CT only; to read "
                     "this anyway pass allow_non_ct=True.")
-        listing = "; ".join(f"{s.describe()}: {why}" for s, why in reasons)
-        return f"{head}: {listing}."
+        shown = [f"{s.describe()}: {why}" for s, why in reasons[:4]]
+        more = f"; and {len(reasons) - 4} more series" if len(reasons) > 4 else ""
+        return f"{head}: {'; '.join(shown)}{more}."
 
 
 def _classify(paths: Iterable[Path]) -> tuple[list[tuple[Path, Any]], Counter, list[Path], int, int]:
