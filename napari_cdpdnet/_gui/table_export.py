@@ -175,6 +175,7 @@ class TableExport:
             if flag is None:
                 return None
             layer = self.labels_layer()
+            self._export_layer = layer
             colors = {v: hex_color(layer.get_color(v)) for v in values}
             kwargs = dict(formats=formats, colors=colors, overwrite=flag, **options)
             if background is None:
@@ -218,7 +219,12 @@ class TableExport:
         return None
 
     def _exported(self, written: list[Path]) -> None:
+        from napari_cdpdnet._gui.recovery import note_export
+
         self.last_export = written
+        layer = getattr(self, "_export_layer", None)
+        if layer is not None:
+            note_export(layer, written)  # its autosaved copy is no longer offered back
         self.status.setText(f"exported {len(written)} files: {', '.join(p.name for p in written)}")
 
     def _export_finished(self) -> None:
