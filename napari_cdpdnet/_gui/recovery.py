@@ -2,7 +2,8 @@
 
 Corrections a person paints on a result layer exist only in napari's memory until exported. This
 module keeps a copy on disk (:class:`napari_cdpdnet.export.recovery.RecoveryStore`, in
-``<cache>/recovery`` beside the weights cache; ``$CDPDNET_CACHE_DIR`` moves both):
+``<cache>/recovery`` beside the weights cache; ``$CDPDNET_CACHE_DIR`` moves both,
+``$CDPDNET_RECOVERY_DIR`` only this folder):
 
 * **Autosave, throttled.** An edit (brush, fill, polygon, undo, data replaced) marks the layer;
   ``interval_ms`` after the first unsaved edit its label map, edit mask and label table are copied
@@ -50,7 +51,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from napari_cdpdnet._gui.layers import EditTracker
 
-__all__ = ["Recovery", "default_folder", "note_export", "AUTOSAVE_MS"]
+__all__ = ["Recovery", "default_folder", "note_export", "AUTOSAVE_MS", "ENV_RECOVERY_DIR"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,11 +63,17 @@ AUTOSAVE_MS = 5000
 _WATCHERS: weakref.WeakValueDictionary[int, Recovery] = weakref.WeakValueDictionary()
 
 
+ENV_RECOVERY_DIR = "CDPDNET_RECOVERY_DIR"
+
+
 def default_folder() -> Path:
-    """``<cache>/recovery``, beside the weights cache."""
+    """``$CDPDNET_RECOVERY_DIR``, else ``<cache>/recovery`` beside the weights cache."""
+    import os
+
     from napari_cdpdnet.weights.store import cache_dir
 
-    return cache_dir() / "recovery"
+    env = os.environ.get(ENV_RECOVERY_DIR)
+    return Path(env).expanduser() if env else cache_dir() / "recovery"
 
 
 def note_export(layer: Any, paths: list[Path]) -> None:
@@ -165,9 +172,9 @@ class Recovery:
         self.trackers = trackers
         self.store = store if store is not None else RecoveryStore(default_folder())
         self.interval_ms = interval_ms
-        #: ``ask_restore(entries, image_name) -> "restore" | "discard" | "later"``.
-        self.ask_restore: Callable[[list[RecoveryEntry], str], str] = (
-            lambda entries, name: _ask_restore(self._window(), entries, name))
+        #: ``ask_restore(entries, image_name) -> "restore" | "discard" | "later"``; off screen
+        #: (scripts, headless runs) the default answers "later" and says so in a notification.
+        self.ask_restore: Callable[[list[RecoveryEntry], str], str] = self._ask_restore
         #: ``confirm_close(layer names) -> bool`` (True: close).
         self.confirm_close: Callable[[list[str]], bool] = lambda names: _confirm_close(self._window(), names)
         #: ``interactive() -> bool``: may a dialog be shown (a visible window on a real screen)?
@@ -190,6 +197,15 @@ class Recovery:
     # ------------------------------------------------------------------ window
     def _window(self) -> Any:
         return getattr(getattr(self.viewer, "window", None), "_qt_window", None)
+
+    def _ask_restore(self, entries: list[RecoveryEntry], image_name: str) -> str:
+        if not self.interactive():
+            notify.show_info(
+                f"{len(entries)} layer(s) of unexported edits on {image_name} are kept in "
+                f"{self.store.folder}; open the CT in a napari window to restore them."
+            )
+            return "later"
+        return _ask_restore(self._window(), entries, image_name)
 
     def _on_screen(self) -> bool:
         window = self._window()
