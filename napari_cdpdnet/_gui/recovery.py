@@ -196,7 +196,11 @@ class Recovery:
 
     # ------------------------------------------------------------------ window
     def _window(self) -> Any:
-        return getattr(getattr(self.viewer, "window", None), "_qt_window", None)
+        """napari's main window (unwrapped: plugins get the viewer through a public-only proxy,
+        and Qt needs the real object to parent an event filter)."""
+        viewer = getattr(self.viewer, "__wrapped__", self.viewer)  # wrapt's public API
+        window = getattr(getattr(viewer, "window", None), "_qt_window", None)
+        return getattr(window, "__wrapped__", window)
 
     def _ask_restore(self, entries: list[RecoveryEntry], image_name: str) -> str:
         if not self.interactive():

@@ -38,9 +38,15 @@ from napari_cdpdnet.io.dicom_series import (
     read_dicom_volume,
     select_series,
 )
+from napari_cdpdnet.io.volume_checks import (
+    detached_data_problem,
+    finite_only,
+    nifti_float_voxels,
+    nifti_scan,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
-    import SimpleITK as sitk
+    pass
 
 __all__ = [
     "CTImage",
@@ -165,99 +171,6 @@ def _check_spacing(spacing: tuple[float, ...], path: Path) -> None:
             )
 
 
-def _nifti_data_complete(path: Path, reader: sitk.ImageFileReader) -> bool:
-    """Whether a NIfTI file holds all the voxel bytes its header promises (see :func:`_nifti_scan`)."""
-    return _nifti_scan(path, reader)[0]
-
-
-_NIFTI_FLOATS = {"16": "<f4", "64": "<f8"}
-
-
-def _nifti_scan(path: Path, reader: sitk.ImageFileReader) -> tuple[bool, int]:
-    """One streaming pass over a NIfTI file's voxel bytes: (all there?, non-finite floats seen).
-
-    ITK's NIfTI reader fills missing data with zeros instead of failing, so a truncated download
-    would otherwise load as a scan with an empty lower part; and it silently reads NaN and ±inf
-    voxels as 0 (water), so a volume without one finite voxel would load as a flat image. For
-    ``.nii.gz`` this decompresses the stream once more (without keeping it) and stops as soon as
-    enough bytes have come out.
-    """
-    import zlib
-
-    try:
-        ndim = int(reader.GetMetaData("dim[0]"))
-        dims = [int(reader.GetMetaData(f"dim[{i}]")) for i in range(1, ndim + 1)]
-        offset = int(float(reader.GetMetaData("vox_offset")))
-        expected = offset + math.prod(dims) * int(reader.GetMetaData("bitpix")) // 8
-        float_type = _NIFTI_FLOATS.get(reader.GetMetaData("datatype").strip())
-    except (RuntimeError, ValueError):
-        logger.debug("%s: NIfTI header fields missing; completeness not checked", path)
-        return True, 0
-    counter = _NonFiniteCounter(offset, float_type)
-    if full_suffix(path) != ".nii.gz":
-        with open(path, "rb") as fh:
-            while chunk := fh.read(1 << 22):
-                counter.feed(chunk)
-        return path.stat().st_size >= expected, counter.count
-    total = 0
-    decomp = zlib.decompressobj(wbits=31)
-    with open(path, "rb") as fh:
-        pending = b""
-        while total < expected:
-            if not pending:
-                pending = fh.read(1 << 20)
-                if not pending:
-                    return False, counter.count  # the file ends before the data does
-            try:
-                out = decomp.decompress(pending, 1 << 24)
-            except zlib.error:
-                return False, counter.count
-            total += len(out)
-            counter.feed(out)
-            pending = decomp.unconsumed_tail
-            if decomp.eof:
-                if total >= expected:
-                    break
-                rest = decomp.unused_data  # another gzip member may follow
-                decomp = zlib.decompressobj(wbits=31)
-                pending = rest + pending
-                if not pending and not (pending := fh.read(1 << 20)):
-                    return False, counter.count
-    return True, counter.count
-
-
-class _NonFiniteCounter:
-    """Counts NaN/inf among float voxels fed as a byte stream that starts at the file's start."""
-
-    def __init__(self, offset: int, dtype: str | None) -> None:
-        self.skip, self.dtype, self.count = offset, dtype, 0
-        self.size = np.dtype(dtype).itemsize if dtype else 0
-        self.carry = b""
-
-    def feed(self, data: bytes) -> None:
-        if not self.dtype:
-            return
-        if self.skip:
-            cut = min(self.skip, len(data))
-            data, self.skip = data[cut:], self.skip - cut
-        data = self.carry + data
-        usable = len(data) - len(data) % self.size
-        self.carry = data[usable:]
-        if usable:
-            values = np.frombuffer(data[:usable], self.dtype)
-            self.count += int(values.size - np.count_nonzero(np.isfinite(values)))
-
-
-def _nifti_float_voxels(path: Path) -> np.ndarray:
-    """A NIfTI file's voxels ``[z, y, x]`` with NaN/inf kept (nibabel; ITK turns them into 0)."""
-    import nibabel as nib
-
-    data = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    return np.ascontiguousarray(data.reshape(data.shape[:3]).transpose(2, 1, 0))
-
-
 def check_input_path(path: str | os.PathLike[str]) -> Path:
     """The cheap checks of :func:`read_ct`, without reading: exists, and a type it can read.
 
@@ -291,47 +204,6 @@ def _unsupported(path: Path) -> InputError:
     )
 
 
-def _detached_data_problem(path: Path) -> str | None:
-    """For a header whose voxels live in another file (``.nhdr``, ``.mhd``, or an ``.nrrd``/
-    ``.mha`` that points elsewhere): why that data file cannot be read, or None.
-
-    ITK reports a missing data file as a generic read error; the user needs to hear that the
-    header was found and which file it names is missing.
-    """
-    import re
-
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(16384)
-    except OSError:
-        return None
-    text = head.split(b"\n\n", 1)[0].decode("latin-1", "replace")
-    names: list[str] = []
-    nrrd = re.findall(r"^data ?file:\s*(.+?)\s*$", text, flags=re.MULTILINE | re.IGNORECASE)
-    meta = re.findall(r"^ElementDataFile\s*=\s*(.+?)\s*$", text, flags=re.MULTILINE)
-    if nrrd:
-        value = nrrd[0]
-        if value.upper().startswith("LIST"):
-            names = [ln.strip() for ln in text.split(nrrd[0], 1)[1].splitlines() if ln.strip()]
-        elif "%" not in value:
-            names = [value]
-    elif meta:
-        value = meta[0]
-        if value.upper() not in ("LOCAL", "LIST") and "%" not in value:
-            names = [value]
-    for name in names:
-        data = (path.parent / name) if not Path(name).is_absolute() else Path(name)
-        if not data.is_file():
-            return (
-                f"{path}: the header names its voxel data file {name!r}, which is missing ({data} "
-                "does not exist); copy the data file next to the header, or give a single-file "
-                "image (.nii.gz, .nrrd, .mha)"
-            )
-        if data.stat().st_size == 0:
-            return f"{path}: its voxel data file {data} is empty (0 bytes)"
-    return None
-
-
 def _read_file(path: Path) -> _Volume:
     """Read a NIfTI/NRRD/MetaImage file as a 3-D volume, validating the header first."""
     import SimpleITK as sitk
@@ -344,7 +216,7 @@ def _read_file(path: Path) -> _Volume:
         raise InputError(f"{path}: is a folder, not a {fmt} file")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: the file is empty (0 bytes)")
-    detached = _detached_data_problem(path)
+    detached = detached_data_problem(path)
     if detached:
         raise InputError(detached)
     reader = sitk.ImageFileReader()
@@ -380,7 +252,7 @@ def _read_file(path: Path) -> _Volume:
             "several slices in every direction"
         )
     _check_spacing(tuple(reader.GetSpacing())[:3], path)
-    complete, non_finite = _nifti_scan(path, reader) if fmt == "NIfTI" else (True, 0)
+    complete, non_finite = nifti_scan(path, reader) if fmt == "NIfTI" else (True, 0)
     if not complete:
         raise InputError(
             f"{path}: the file is truncated or corrupted: it holds less voxel data than its "
@@ -414,7 +286,7 @@ def _read_file(path: Path) -> _Volume:
         info["description"] = reader.GetMetaData("descrip").strip()
     array = sitk.GetArrayFromImage(image)
     if non_finite:  # ITK read them as 0; take the voxels as they are stored
-        array = _nifti_float_voxels(path)
+        array = nifti_float_voxels(path)
     return _Volume(array, geometry, info, [])
 
 
@@ -523,31 +395,6 @@ def _read_dicom(path: Path, *, series_uid: str | None, allow_non_ct: bool) -> _V
     return _Volume(vol.array, vol.geometry, vol.info, notes + vol.warnings)
 
 
-def _finite_only(array: np.ndarray, path: Path) -> tuple[np.ndarray, list[str]]:
-    """Refuse a volume without a single finite voxel; set the non-finite voxels of others to the
-    lowest finite value (air, outside the field of view), with a warning that counts them."""
-    if not np.issubdtype(array.dtype, np.floating) or array.size == 0:
-        return array, []
-    finite = np.isfinite(array)
-    n_bad = int(array.size - np.count_nonzero(finite))
-    if n_bad == 0:
-        return array, []
-    if n_bad == array.size:
-        kinds = sorted({"NaN" if np.isnan(v) else ("+inf" if v > 0 else "-inf")
-                        for v in np.unique(array[:: max(1, array.size // 4096)].ravel()[:64])})
-        raise InputError(
-            f"{path}: no finite voxel: all {array.size} voxels are NaN or infinite "
-            f"({', '.join(kinds) or 'NaN/inf'}); the file holds no image (a failed conversion or "
-            "an empty result). Export the CT again"
-        )
-    low = float(array[finite].min())
-    array = np.where(finite, array, np.float32(low)).astype(array.dtype, copy=False)
-    return array, [
-        f"{path}: {n_bad} of {array.size} voxels are NaN or infinite (e.g. padding outside the "
-        f"field of view); they were set to the lowest finite value, {low:g}"
-    ]
-
-
 def _as_ct_image(path: Path, vol: _Volume, allow_non_ct: bool) -> CTImage:
     """Check the modality, store HU compactly, add the HU sanity warning, log the warnings."""
     warnings = list(vol.warnings)
@@ -562,7 +409,7 @@ def _as_ct_image(path: Path, vol: _Volume, allow_non_ct: bool) -> CTImage:
             f"{path}: modality {modality}, not CT; CDPDNet was trained on CT and its masks will "
             "not be meaningful on this image"
         )
-    finite, notes = _finite_only(vol.array, path)
+    finite, notes = finite_only(vol.array, path)
     warnings.extend(notes)
     array = _as_hu(finite)
     warnings.extend(_hu_warnings(array, path))
