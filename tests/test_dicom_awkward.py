@@ -173,12 +173,14 @@ def test_a_folder_that_links_to_itself_is_searched_once(base, reference, tmp_pat
 
 
 def test_a_file_with_a_cut_header_is_skipped_with_a_warning(base, tmp_path: Path) -> None:
-    paths = A.write(A.restack(base, [0, 1, 2, 3, 4]), tmp_path)
-    A.truncate(paths[2], keep=0.0004)
+    paths = A.write(A.restack(base, [0, 1, 2, 3, 4, 5]), tmp_path)
+    A.truncate(paths[2], keep=0.0004)  # only the preamble is left
+    paths[3].write_bytes(paths[3].read_bytes()[:900])  # cut inside the header: pydicom reads it "fine"
     ct = read_ct(tmp_path)
-    assert any("could not be read and were skipped" in w and paths[2].name in w for w in ct.warnings)
+    assert any("2 file(s) marked as DICOM could not be read and were skipped" in w and paths[2].name in w
+               and paths[3].name in w for w in ct.warnings), ct.warnings
     assert any("uneven slice spacing" in w for w in ct.warnings)  # the gap it leaves is said, too
-    assert ct.array.shape[0] == 5
+    assert ct.array.shape[0] == 6
 
 
 # ----------------------------------------------------------------------------- geometry

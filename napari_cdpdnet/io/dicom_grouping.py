@@ -266,5 +266,6 @@ def group_series(items: Sequence[tuple[Path, Any]]) -> tuple[list[DicomSeriesInf
         final.extend(split)
         if note:
             notes.append(note)
-    final.sort(key=lambda s: (s.study_uid, s.series_number if s.series_number is not None else 1 << 30, s.uid))
+    final.sort(key=lambda s: (s.study_uid, s.series_number if s.series_number is not None else 1 << 30,
+                              s.description, s.uid))
     return final, notes

@@ -63,6 +63,7 @@ __all__ = [
     "folder_has_dicom",
     "dicomdir_files",
     "CT_MODALITIES",
+    "DAMAGED_NOTE",
 ]
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,9 @@ _SCAN_TAGS = [
 _DERIVED_MODALITIES = DERIVED_MODALITIES
 
 _MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+
+#: Words of the warning about unreadable DICOM files (a refusal repeats that warning).
+DAMAGED_NOTE = "could not be read and were skipped"
 
 
 # ---------------------------------------------------------------------------------- detection
@@ -314,8 +318,24 @@ def _classify(paths: Iterable[Path]) -> tuple[list[tuple[Path, Any]], Counter, l
         if _is_directory_record(ds):
             directories += 1
             continue
+        if not is_image_header(ds) and _is_image_class(ds):
+            # an image whose header stops before Rows/Columns: pydicom reads a cut header up to
+            # where it ends without complaint; without this it would drop out of its series silently
+            damaged.append(p)
+            logger.warning("%s: an image whose header ends early (truncated?); skipped", p)
+            continue
         items.append((p, ds))
     return items, others, damaged, directories, n
+
+
+def _is_image_class(ds: Any) -> bool:
+    """Is this an image object (CT, MR, radiograph ... "Image Storage"), which must have pixels?"""
+    from pydicom.uid import UID
+
+    sop = tag_str(ds, "SOPClassUID")
+    if sop:
+        return "Image Storage" in UID(sop).name
+    return tag_str(ds, "Modality").upper() in ("CT", "MR", "PT", "NM")
 
 
 def scan_files(paths: Sequence[Path], where: Path) -> FolderScan:
@@ -445,8 +465,8 @@ def _choose(scan: FolderScan, series_uid: str | None, allow_non_ct: bool) -> tup
         )
     if scan.damaged:
         warnings.append(
-            f"{folder}: {len(scan.damaged)} file(s) marked as DICOM could not be read and were "
-            f"skipped (damaged or truncated): {', '.join(p.name for p in scan.damaged[:5])}"
+            f"{folder}: {len(scan.damaged)} file(s) marked as DICOM {DAMAGED_NOTE} (damaged or "
+            f"truncated): {', '.join(p.name for p in scan.damaged[:5])}"
         )
     return chosen_one, warnings
 

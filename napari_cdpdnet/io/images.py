@@ -26,7 +26,7 @@ from napari_cdpdnet.errors import InputError
 from napari_cdpdnet.fileutil import full_suffix
 from napari_cdpdnet.geometry import Geometry
 from napari_cdpdnet.io.dicom_kinds import sniff_file_kind
-from napari_cdpdnet.io.dicom_scan import select_series_of_file
+from napari_cdpdnet.io.dicom_scan import DAMAGED_NOTE, select_series_of_file
 from napari_cdpdnet.io.dicom_series import (
     MAX_SPACING_MM,
     MIN_SPACING_MM,
@@ -391,7 +391,14 @@ def _read_dicom(path: Path, *, series_uid: str | None, allow_non_ct: bool) -> _V
         series, notes = select_series(path, series_uid=series_uid, allow_non_ct=allow_non_ct)
     else:
         series, notes = select_series_of_file(path, series_uid=series_uid, allow_non_ct=allow_non_ct)
-    vol = read_dicom_volume(series)
+    try:
+        vol = read_dicom_volume(series)
+    except InputError as exc:
+        # a file that could not be read may be the slice this series misses: say so with the refusal
+        skipped = [n for n in notes if DAMAGED_NOTE in n]
+        if skipped:
+            raise InputError(f"{exc}. Note: {skipped[0]}") from exc
+        raise
     return _Volume(vol.array, vol.geometry, vol.info, notes + vol.warnings)
 
 
