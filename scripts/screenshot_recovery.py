@@ -45,11 +45,12 @@ def main() -> int:
     viewer.window._qt_window.resize(1400, 900)
     dock_widgets(viewer)
 
-    def grab_and_answer() -> None:
+    def grab_and_answer(seen: int = 0) -> None:
         box = next((w for w in QApplication.topLevelWidgets() if isinstance(w, QMessageBox) and w.isVisible()), None)
-        if box is None:
-            QTimer.singleShot(200, grab_and_answer)
+        if box is None or seen < 5:  # up, and painted (a few rounds of the event loop)
+            QTimer.singleShot(200, lambda: grab_and_answer(seen + (box is not None)))
             return
+        box.repaint()
         QApplication.primaryScreen().grabWindow(0).save(str(out))
         print(f"saved {out}: {box.text()}")
         next(b for b in box.buttons() if b.text() == "Not now").click()
