@@ -8,6 +8,7 @@ is in tests/test_bad_inputs.py.
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 import awkward_inputs as A
@@ -24,6 +25,7 @@ from napari_cdpdnet.errors import InputError
 from napari_cdpdnet.export import export_segmentation
 from napari_cdpdnet.export.dicomseg import dicom_seg_problem, read_dicom_seg
 from napari_cdpdnet.io import list_dicom_series, read_ct, read_label_map
+from napari_cdpdnet.io.dicom_scan import list_volume_series
 
 pytestmark = pytest.mark.shared
 
@@ -71,6 +73,7 @@ def test_blank_uids_never_merge_two_series(base, tmp_path: Path) -> None:
     found = list_dicom_series(tmp_path)
     assert [(s.description, s.num_slices, s.series_instance_uid) for s in found] == [
         ("arterial", 3, ""), ("venous", 3, "")]
+    assert list_volume_series(tmp_path) == found
     arterial, venous = (read_ct(tmp_path, series_uid=s.uid) for s in found)
     np.testing.assert_array_equal(venous.array, arterial.array + 60)
     default = read_ct(tmp_path)
@@ -83,7 +86,10 @@ def test_two_series_sharing_one_uid_are_read_apart(base, reference, tmp_path: Pa
     uid = "1.2.826.0.1.3680043.8.498.4242"
     A.write(A.as_new_series(base, series_uid=uid, series_number=4, description="soft"), tmp_path / "a")
     A.write(A.as_new_series(base, series_uid=uid, series_number=5, description="bone", hu_offset=-30), tmp_path / "b")
-    found = list_dicom_series(tmp_path)
+    A.write(A.as_new_series(base[:1], series_number=6), tmp_path / "c")  # a single slice: no volume
+    shutil.copy(A.__file__, tmp_path / "notes.py")
+    assert len(list_dicom_series(tmp_path)) == 3
+    found = list_volume_series(tmp_path)
     assert [(s.uid, s.series_instance_uid, s.description) for s in found] == [
         (f"{uid}#1", uid, "soft"), (f"{uid}#2", uid, "bone")]
     soft = read_ct(tmp_path, series_uid=f"{uid}#1")

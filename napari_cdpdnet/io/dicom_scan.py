@@ -54,6 +54,7 @@ __all__ = [
     "DicomSeriesInfo",
     "FolderScan",
     "list_dicom_series",
+    "list_volume_series",
     "scan_folder",
     "scan_files",
     "select_series",
@@ -380,6 +381,13 @@ def list_dicom_series(folder: str | Path, *, recursive: bool = True) -> list[Dic
         InputError: ``folder`` does not exist, is not a folder, or is empty.
     """
     return scan_folder(folder, recursive=recursive).series
+
+
+def list_volume_series(folder: str | Path, *, recursive: bool = True, allow_non_ct: bool = False
+                       ) -> list[DicomSeriesInfo]:
+    """The series under ``folder`` that can be tried as (CT, unless ``allow_non_ct``) volumes:
+    :func:`list_dicom_series` without derived objects, 2-D images and single slices."""
+    return [s for s in list_dicom_series(folder, recursive=recursive) if s.problem(allow_non_ct) is None]
 
 
 def dicomdir_files(path: Path) -> list[Path]:
