@@ -277,3 +277,28 @@ def test_cli_segments_a_blank_uid_series(base, weights, tmp_path: Path, capsys) 
     labels, geometry = read_label_map(out)
     assert geometry.same_grid(read_ct(tmp_path / "anon").geometry, atol=1e-4)
     assert labels.shape == (3, 512, 512)
+
+
+def test_structure_table_offers_the_label_map_when_dicom_seg_cannot_be_written(
+    make_napari_viewer, base, tmp_path: Path
+) -> None:
+    from napari_cdpdnet._table_widget import StructureTableWidget
+
+    A.write(A.blank_uids(base), tmp_path / "anon")
+    viewer = make_napari_viewer()
+    [image] = viewer.open(str(tmp_path / "anon"), plugin="napari-cdpdnet")
+    geometry = image.metadata["geometry"]
+    labels = np.zeros(image.data.shape, np.uint8)
+    labels[:, 200:260, 200:260] = 6
+    viewer.add_labels(labels, name="liver", metadata={"geometry": geometry, "cdpdnet": {}},
+                      **geometry.napari_transform())
+    widget = StructureTableWidget(viewer)
+    offers: list[str] = []
+    widget.offer_without_dicom_seg = lambda reason: offers.append(reason) or False
+    assert widget.export_to(tmp_path / "out" / "liver.nii.gz", formats={"dicom_seg"}) is None
+    assert "blank StudyInstanceUID" in offers[0] and "not exported" in widget.status.text()
+    assert not (tmp_path / "out").exists()
+    widget.offer_without_dicom_seg = lambda reason: offers.append(reason) or True
+    written = widget.export_to(tmp_path / "out" / "liver.nii.gz", formats={"dicom_seg"})
+    assert [p.name for p in written] == ["liver.nii.gz", "liver.csv"] and len(offers) == 2
+    np.testing.assert_array_equal(read_label_map(written[0])[0], labels)

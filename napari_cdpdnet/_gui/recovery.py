@@ -240,6 +240,8 @@ class Recovery:
     def may_close(self, *, asked_by_user: bool) -> bool:
         """Save every pending edit; when a person closes the window with unexported edits on
         screen, ask. Returns False to keep the window open."""
+        if self._closed:  # the dock is gone; what it held was saved when it closed
+            return True
         self.flush()
         names = self.unexported()
         if not names or not asked_by_user or not self.interactive():
@@ -337,6 +339,8 @@ class Recovery:
 
     def _save(self, watched: _Watched) -> None:
         """Copy the layer on this (GUI) thread; write it in the background thread."""
+        if self._closed:
+            return
         if watched.saving is not None and not watched.saving.done():
             self._start_timer()  # one save at a time; try again later
             return
