@@ -95,6 +95,16 @@ def check_dicom_source(path: Path, geometry: Geometry, formats: list[str]) -> No
     needs = [FORMATS[name] for name in formats if FORMATS[name].needs_dicom]
     if needs and geometry.dicom is None:
         raise InputError(f"{path}: {needs[0].flag} needs a DICOM series as input")
+    if needs:  # blank UIDs (de-identified): say so before segmenting, not after
+        from napari_cdpdnet.export.dicomseg import dicom_seg_problem
+
+        problem = dicom_seg_problem(geometry)
+        if problem:
+            raise InputError(
+                f"{path}: {needs[0].flag} cannot be written for this series: {problem}. Run again "
+                "without it: the label map (NIfTI, or NRRD with --format .nrrd) and its table hold "
+                "the same result"
+            )
 
 
 def check_outputs(outputs: list[Path], keys: list[str], formats: list[str], overwrite: bool) -> None:

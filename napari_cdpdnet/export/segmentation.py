@@ -222,12 +222,10 @@ def _staging(folder: Path) -> Iterator[_Staging]:
 
 
 def _need_dicom(geometry: Geometry) -> None:
-    if geometry.dicom is None:
-        raise InputError(
-            "DICOM-SEG needs the source DICOM series, and these labels belong to an image that was "
-            "not read from DICOM. Export NIfTI/NRRD instead, or open the DICOM series and draw or "
-            "segment on that."
-        )
+    """Refuse a DICOM-SEG whose source cannot be referenced (no DICOM, or blank UIDs)."""
+    from napari_cdpdnet.export.dicomseg import require_dicom_seg_source
+
+    require_dicom_seg_source(geometry)
 
 
 def export_segmentation(
