@@ -129,6 +129,14 @@ class CaseDataset(torch.utils.data.Dataset):
         return _pack(item) if self.pack else item
 
 
+def _worker_init(_worker_id: int) -> None:
+    """Workers ignore SIGTERM: torchrun and Slurm signal the whole process group, and the
+    device loop stops them itself (a worker killed mid-read would look like a failed case)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _keep(item: Any) -> Any:
     """The DataLoader's collate function: items go through unchanged (no batching)."""
     return item
@@ -139,4 +147,5 @@ def make_loader(dataset: CaseDataset, indices: Sequence[int], workers: int) -> t
     dataset.pack = workers > 0
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, sampler=list(indices), num_workers=workers, collate_fn=_keep,
-        prefetch_factor=1 if workers > 0 else None, persistent_workers=False)
+        prefetch_factor=1 if workers > 0 else None, persistent_workers=False,
+        worker_init_fn=_worker_init if workers > 0 else None)

@@ -201,6 +201,7 @@ class _RankRun:
         self.reader = LogReader(run_dir, position.world_size) if run_dir is not None else None
         self.bar: Any = None
         self.report: ReportSummary | None = None
+        self.stop: _Stop | None = None
         self._order = {plan.name(c): i for i, c in enumerate(plan.cases)}
         self._last_poll = 0.0
         self.stats = {"inference_s": 0.0, "device_s": 0.0, "wait_s": 0.0}
@@ -209,7 +210,7 @@ class _RankRun:
     def _say(self, text: str, err: bool = False) -> None:
         stream = sys.stderr if err else sys.stdout
         if self.pos.distributed:
-            text = f"[rank {self.pos.rank + 1}/{self.pos.world_size}] {text}"
+            text = f"[rank {self.pos.rank} of {self.pos.world_size}] {text}"
         if self.bar is not None:
             from tqdm import tqdm
 
@@ -281,6 +282,7 @@ class _RankRun:
         broken = False
         try:
             with _Stop() as stop:
+                self.stop = stop
                 try:
                     self.segmenter.model(self.device)
                     self._open_bar()
@@ -292,15 +294,16 @@ class _RankRun:
                     self.stats["wall_s"] = time.perf_counter() - loop_start
                 except KeyboardInterrupt:
                     stopped = stop.signal or "Ctrl-C"
+                    _close_loader(items)
                     writer.abort()
                     raise
                 except BaseException:
                     broken = True
+                    _close_loader(items)
                     writer.abort()
                     raise
                 finally:
-                    with contextlib.suppress(Exception):
-                        items._shutdown_workers()  # type: ignore[attr-defined]
+                    _close_loader(items)
                     del items
         finally:
             self._finish(stopped, broken, time.perf_counter() - started)
@@ -315,6 +318,7 @@ class _RankRun:
         except (KeyboardInterrupt, CdpdnetError):
             raise
         except Exception as exc:  # the loader itself broke (a worker killed, e.g. out of memory)
+            self._stopping(exc)
             raise CdpdnetError(f"reading the inputs failed: {exc}; rerun with --skip-existing "
                                "(and fewer --workers if memory is short)") from exc
         row.wait_s = time.perf_counter() - t0
@@ -344,6 +348,7 @@ class _RankRun:
         except Exception as exc:  # noqa: BLE001 - recorded; the cohort goes on
             import traceback
 
+            self._stopping(exc)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             self._fail(row, exc, traceback.format_exc())
@@ -360,6 +365,11 @@ class _RankRun:
         self.stats["inference_s"] += row.inference_s or 0.0
         self.stats["device_s"] += row.device_s
         writer.put(_Result(case, item.prepared, output, row))
+
+    def _stopping(self, exc: BaseException) -> None:
+        """After a stop signal, whatever was raised is the stop, not the case's failure."""
+        if self.stop is not None and self.stop.signal is not None:
+            raise KeyboardInterrupt(f"stopped by {self.stop.signal}") from exc
 
     def _write(self, result: _Result) -> None:
         """Export one result (writer thread) and record its row."""
@@ -409,7 +419,7 @@ class _RankRun:
             info = {
                 "run_id": plan.run_id, "started": now_iso(), "command": list(job.command),
                 "output": str(job.output), "world_size": self.pos.world_size,
-                "position": self.pos.describe(), "shard": [self.pos.shard + 1, self.pos.shards],
+                "shard": [self.pos.shard + 1, self.pos.shards], "shard_source": self.pos.shard_source,
                 "preset": job.settings.preset, "settings": asdict(job.settings),
                 "formats": list(job.formats), "request": list(job.request or ()),
                 "skip_existing": job.skip_existing, "overwrite": job.overwrite, "workers": job.workers,
@@ -530,6 +540,12 @@ class _Writer:
                 self.queue.get_nowait()
         self.queue.put(None)
         self.thread.join()
+
+
+def _close_loader(items: Any) -> None:
+    """Stop the DataLoader's workers now (idempotent), so none is reported dead later."""
+    with contextlib.suppress(Exception):
+        items._shutdown_workers()
 
 
 def _needs_dicom(name: str) -> bool:

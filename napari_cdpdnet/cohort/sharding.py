@@ -98,10 +98,11 @@ class JobPosition:
         return self.shards > 1
 
     def describe(self) -> str:
-        """``rank 1/4, shard 3/8 (Slurm array)`` (1-based, for people)."""
+        """``rank 1 of 4, shard 3/8 (Slurm array)``: ranks counted from 0 as torchrun does,
+        shards from 1 as ``--shard`` takes them."""
         parts = []
         if self.distributed:
-            parts.append(f"rank {self.rank + 1}/{self.world_size}")
+            parts.append(f"rank {self.rank} of {self.world_size}")
         if self.split:
             parts.append(f"shard {self.shard + 1}/{self.shards} ({self.shard_source})")
         return ", ".join(parts) or "one process"
