@@ -123,8 +123,11 @@ def is_manifest(text: str) -> bool:
 
 
 def _stem(path: Path) -> str:
+    """The name without its image suffix (a folder keeps its whole name)."""
     suffix = full_suffix(path)
-    return path.name[: len(path.name) - len(suffix)] if suffix and path.is_file() else path.name
+    if suffix in (*_CT_SUFFIXES, ".seg.nrrd", ".dcm", ".dicom", ".ima") and not path.is_dir():
+        return path.name[: len(path.name) - len(suffix)]
+    return path.name
 
 
 def _under(path: Path, roots: Sequence[Path]) -> bool:
@@ -280,10 +283,8 @@ def _manifest_items(path: Path, output_root: Path, label_suffix: str, exclude: S
         request = row.get("structures") or None
         uid = row.get("series_uid") or None
         inside = source == base or base in source.parents
-        if source.exists():
-            items = _path_items(source, base if inside else None, uid, exclude, notes)
-        else:  # recorded as a failed case, not a reason to stop the cohort
-            items = [_Item(source, (_stem(source),), uid)]
+        # a missing input is one case that fails (and is reported), not a reason to stop the cohort
+        items = _path_items(source, base if inside else None, uid, exclude, notes)
         explicit = row.get("output") or None
         if explicit is not None:
             if len(items) > 1:

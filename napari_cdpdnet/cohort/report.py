@@ -94,6 +94,20 @@ class CaseRow:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
 
+    @classmethod
+    def from_cells(cls, cells: dict[str, str]) -> CaseRow:
+        """Inverse of :meth:`cells` (a ``run.csv`` row: empty cells are None)."""
+        out: dict[str, Any] = {}
+        for f in fields(cls):
+            text = cells.get(f.name, "")
+            kind = str(f.type)
+            if kind.startswith(("int", "float")):
+                number = float if kind.startswith("float") else int
+                out[f.name] = number(text) if text != "" else (None if "None" in kind else 0)
+            else:
+                out[f.name] = text
+        return cls(**out)
+
     def cells(self) -> list[str]:
         out = []
         for value in asdict(self).values():
@@ -284,4 +298,4 @@ def iter_case_rows(report_dir: Path) -> Iterator[CaseRow]:
     """The rows of ``run.csv`` (for scripts and tests)."""
     with open(Path(report_dir) / "run.csv", newline="", encoding="utf-8") as fh:
         for r in csv.DictReader(fh):
-            yield CaseRow.from_dict(r)
+            yield CaseRow.from_cells(r)
