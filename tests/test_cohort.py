@@ -256,7 +256,7 @@ def test_staging_left_by_a_killed_process_is_swept_only_when_it_is_the_cases(tmp
     (theirs / "ct_1.nii.gz").write_bytes(b"x")  # another case's work in progress
     empty = tmp_path / ".tmp-export-cccc"
     empty.mkdir()
-    assert sweep_staging(out) == [mine]
+    assert sweep_staging([out, tmp_path / "other.nii.gz"]) == [mine]
     assert theirs.exists() and empty.exists() and not mine.exists()
 
 

@@ -17,7 +17,8 @@ import csv
 import logging
 import math
 import shutil
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,26 +121,38 @@ def output_state(out: Path, keys: Sequence[str], formats: Sequence[str]) -> Outp
     return OutputState("complete", "", rows, present)
 
 
-def sweep_staging(out: Path) -> list[Path]:
-    """Remove staging folders a killed run left beside ``out``, when they hold only its files.
+def sweep_staging(outputs: Iterable[Path]) -> list[Path]:
+    """Remove staging folders a killed run left beside these label maps, when they hold only
+    one case's files.
 
     :func:`export_segmentation` stages into ``.tmp-export-*`` folders and removes them itself;
     only a process killed outright (SIGKILL, power loss) leaves one. Each case of a run belongs
-    to one process, so a folder holding nothing but this case's file names cannot be another
+    to one process, so a folder holding nothing but a to-do case's file names cannot be another
     process's work in progress. Empty folders, and folders holding a backup of a replaced file
-    (``.old-*``, from ``--overwrite``), are left alone.
+    (``.old-*``, from ``--overwrite``), are left alone. Each folder is listed once.
     """
     from napari_cdpdnet.vocabulary.catalog import STRUCTURES
 
-    ours = {p.name for fmt in FORMATS.values() for p in fmt.paths(out, [s.key for s in STRUCTURES])}
+    keys = [s.key for s in STRUCTURES]
+    by_folder: dict[Path, list[Path]] = defaultdict(list)
+    for out in outputs:
+        by_folder[out.parent].append(out)
     removed = []
-    with contextlib.suppress(OSError):
-        for folder in out.parent.glob(".tmp-export-*"):
-            names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
-            # atomic_output's temporary files inside are ".tmp-<hex>-<name>"
-            names = [n.split("-", 2)[-1] if n.startswith(".tmp-") else n for n in names]
-            if names and set(names) <= ours:
-                shutil.rmtree(folder, ignore_errors=True)
-                removed.append(folder)
-                logger.warning("removed %s, left by an interrupted run", folder)
+    for folder, outs in by_folder.items():
+        try:
+            stale = [p for p in folder.glob(".tmp-export-*") if p.is_dir()]
+        except OSError:
+            continue
+        if not stale:
+            continue
+        cases = [{p.name for fmt in FORMATS.values() for p in fmt.paths(out, keys)} for out in outs]
+        for staging in stale:
+            with contextlib.suppress(OSError):
+                # atomic_output's temporary files inside are ".tmp-<hex>-<name>"
+                names = {n.split("-", 2)[-1] if n.startswith(".tmp-") else n
+                         for n in (p.name for p in staging.iterdir())}
+                if names and any(names <= ours for ours in cases):
+                    shutil.rmtree(staging, ignore_errors=True)
+                    removed.append(staging)
+                    logger.warning("removed %s, left by an interrupted run", staging)
     return removed

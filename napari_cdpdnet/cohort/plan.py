@@ -214,8 +214,7 @@ def make_plan(job: CohortJob, position: JobPosition) -> RunPlan:
         raise OutputExistsError(
             f"{blocked[0]} already exists{more}; nothing was computed. Add --skip-existing to keep "
             "finished cases and do the rest, or --overwrite to replace them")
-    for i in todo:
-        sweep_staging(cases[i].output)
+    sweep_staging(cases[i].output for i in todo)
     if position.distributed:
         for i in todo:
             cases[i] = estimate_cost(cases[i])

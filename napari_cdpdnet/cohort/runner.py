@@ -48,7 +48,7 @@ from napari_cdpdnet.cohort.report import (
     write_report,
 )
 from napari_cdpdnet.cohort.sharding import JobPosition
-from napari_cdpdnet.errors import CdpdnetError
+from napari_cdpdnet.errors import CdpdnetError, InputError
 
 __all__ = ["CohortOutcome", "run_cohort"]
 
@@ -100,7 +100,12 @@ def _init_group(position: JobPosition) -> bool:
     dist = torch.distributed
     if not position.distributed or not dist.is_available() or dist.is_initialized():
         return False
-    dist.init_process_group(backend="gloo", timeout=PLAN_TIMEOUT)
+    try:
+        dist.init_process_group(backend="gloo", timeout=PLAN_TIMEOUT)
+    except (ValueError, RuntimeError) as exc:
+        raise InputError(
+            f"WORLD_SIZE={position.world_size} is set but the torchrun rendezvous failed ({exc}); "
+            "start several processes with torchrun (see docs/cohort.md), or unset WORLD_SIZE") from exc
     return True
 
 
@@ -171,10 +176,11 @@ class _Stop:
 
 @dataclass
 class _Result:
-    """A segmented case on its way to the writer."""
+    """A segmented case on its way to the writer (the CT only for the table's HU columns)."""
 
     case: Case
-    prepared: Any
+    array: Any
+    geometry: Any
     output: Any
     row: CaseRow
 
@@ -270,13 +276,13 @@ class _RankRun:
         if self.log is not None:
             self.log.write("start", rank=pos.rank, local_rank=pos.local_rank, world_size=pos.world_size,
                            host=self.host, pid=os.getpid(), device=str(self.device), cases=len(self.mine))
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
         dicom_only = next((f"--{n.replace('_', '-')}" for n in self.job.formats if _needs_dicom(n)), None)
         dataset = CaseDataset(plan.cases, self.settings, dicom_only)
         workers = min(self.job.workers, len(self.mine) - 1) if len(self.mine) > 1 else 0
         loader = make_loader(dataset, self.mine, max(workers, 0))
-        items = iter(loader)  # workers start here, before the model is loaded or threads exist
+        items = iter(loader)  # workers start here: before CUDA, the model and our threads exist
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         writer = _Writer(self, self.job.background_writer)
         stopped: str | None = None
         broken = False
@@ -327,7 +333,8 @@ class _RankRun:
             row.read_s = item.read_s
             self._fail(row, item.error, item.details)
             return
-        assert isinstance(item, Loaded) and item.index == index
+        if not isinstance(item, Loaded) or item.index != index:  # pragma: no cover - a loader bug
+            raise RuntimeError(f"the loader gave case {getattr(item, 'index', '?')} for case {index}")
         item = unpack(item)
         row.read_s, row.preprocess_s = item.read_s, item.preprocess_s
         for w in item.warnings:
@@ -364,7 +371,7 @@ class _RankRun:
         row.peak_memory_mb = _peak_memory_mb(self.device)
         self.stats["inference_s"] += row.inference_s or 0.0
         self.stats["device_s"] += row.device_s
-        writer.put(_Result(case, item.prepared, output, row))
+        writer.put(_Result(case, item.prepared.array, item.prepared.geometry, output, row))
 
     def _stopping(self, exc: BaseException) -> None:
         """After a stop signal, whatever was raised is the stop, not the case's failure."""
@@ -379,7 +386,7 @@ class _RankRun:
         t0 = time.perf_counter()
         try:
             written = export_segmentation(
-                output.labels, result.prepared.geometry, result.prepared.array, case.output,
+                output.labels, result.geometry, result.array, case.output,
                 formats=self.job.formats, rows=output.table, probabilities=output.result.probabilities,
                 overwrite=self.job.overwrite)
         except Exception as exc:  # noqa: BLE001 - recorded; the cohort goes on

@@ -157,7 +157,10 @@ def run(args: argparse.Namespace) -> int:
 
     # Everything that can be checked without compute is checked first.
     for inp in args.inputs:
-        if not (is_manifest(str(inp)) or is_pattern(str(inp))):
+        if is_manifest(str(inp)):
+            if not inp.is_file():
+                raise InputError(f"manifest {inp}: no such file")
+        elif not is_pattern(str(inp)):
             check_input_path(inp)
     if args.workers < 0:
         raise InputError(f"--workers {args.workers}: must be 0 or more")
