@@ -143,7 +143,7 @@ def scenario(name: str, n: int, reps: int, tmp: Path, weights: tuple[Path, Path]
             r = run(ranks, workers, threads, cohort, weights, out, extra)
             assert r["ok"] == n, r
             results[(ranks, workers, threads)].append(r)
-            print(f"  rep {rep + 1}: {ranks} rank(s), --workers {workers}, threads {threads or 'all'}: "
+            print(f"  rep {rep + 1}: {ranks} rank(s), --workers {workers}, threads {threads or ('1/rank' if ranks > 1 else 'all')}: "
                   f"{r['wall']:.1f} s wall, {r['loop']:.1f} s loop, busy {r['busy']:.2f}", flush=True)
             shutil.rmtree(out)
     print(f"\n{name}: median of {reps} runs, {n} cases")

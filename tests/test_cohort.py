@@ -400,3 +400,28 @@ def test_torchrun_cohort_killed_midway_then_resumed(cohort, weights, tmp_path) -
     assert main(["report", str(out)]) == 0
     assert (out / "run.csv").read_text() == before
     assert main(["report", str(tmp_path)]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_shards_run_as_independent_jobs_and_the_report_merges_them(
+    cohort, weights, tmp_path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    root, cases = cohort
+    out = tmp_path / "results"
+    args = ["segment", f"{root}/**/*.nii.gz", "-s", "liver", "-o", str(out), "--checkpoint", str(weights[0]),
+            "--dino", str(weights[1]), "--offline", "--no-progress", "--workers", "0", "--preset", "fast"]
+    written: list[set[str]] = []
+    for task in ("1", "2"):  # a Slurm job array of two tasks, one after the other
+        before = {p for p in _tree(out) if p.endswith(".nii.gz")} if out.exists() else set()
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", task)
+        monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+        monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")
+        code = main(args)
+        written.append({p for p in _tree(out) if p.endswith(".nii.gz")} - before)
+        assert f"shard {task}/2 (Slurm array)" in capsys.readouterr().err
+        assert code in (0, 2)
+    assert written[0] and written[1] and not written[0] & written[1]
+    assert written[0] | written[1] == {"a.nii.gz", "d.nii.gz", "e/e.nii.gz"}
+    rows = {r.case: r.status for r in iter_case_rows(out)}  # the last job's report holds both
+    assert rows == {"a.nii.gz": "ok", "d.nii.gz": "ok", "e/e.nii.gz": "ok", "broken/scan.nii.gz": "failed"}
