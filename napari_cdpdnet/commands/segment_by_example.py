@@ -96,12 +96,12 @@ def _roi(args: argparse.Namespace, ct) -> object:
 def run(args: argparse.Namespace) -> int:
     from napari_cdpdnet.commands.segment import (
         _ProgressBar,
-        check_dicom_source,
         check_outputs,
         chosen_formats,
     )
     from napari_cdpdnet.example.run import DEFAULT_CONTEXT_MM, segment_by_example
     from napari_cdpdnet.export import export_segmentation
+    from napari_cdpdnet.export.formats import check_dicom_source
     from napari_cdpdnet.export.labeltable import build_label_table
     from napari_cdpdnet.fileutil import full_suffix
     from napari_cdpdnet.inference.segmenter import Segmenter

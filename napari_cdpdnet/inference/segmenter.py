@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from napari_cdpdnet.export.labeltable import LabelRow
     from napari_cdpdnet.inference.clip_choice import ClipChoice
-    from napari_cdpdnet.inference.pipeline import ProgressEvent, SegmentationResult
+    from napari_cdpdnet.inference.pipeline import PreparedImage, ProgressEvent, SegmentationResult
     from napari_cdpdnet.inference.postprocess import PostprocessRules
     from napari_cdpdnet.inference.settings import SegmentationSettings
     from napari_cdpdnet.vocabulary.catalog import SegmentationPlan, Structure
@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from napari_cdpdnet.vocabulary.resolver import Resolution
     from napari_cdpdnet.weights import WeightFiles
 
-__all__ = ["Segmenter", "SegmentationOutput", "parse_request", "postprocess_rules"]
+__all__ = ["Segmenter", "SegmentationOutput", "PreparedCase", "parse_request", "postprocess_rules"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,24 @@ class SegmentationOutput:
     @property
     def geometry(self) -> Geometry:
         return self.result.geometry
+
+
+@dataclass
+class PreparedCase:
+    """A CT after the CPU stage (:meth:`Segmenter.prepare`), ready for the device stage
+    (:meth:`Segmenter.segment_prepared`). Picklable, so DataLoader workers can make it.
+
+    Attributes:
+        array: the CT in HU ``[z, y, x]`` (kept for the label table's HU columns).
+        geometry: its grid.
+        image: preprocessed image and window plan.
+        settings: the settings it was prepared with (the device stage uses them by default).
+    """
+
+    array: np.ndarray
+    geometry: Geometry
+    image: PreparedImage
+    settings: SegmentationSettings
 
 
 @cache
@@ -286,6 +304,57 @@ class Segmenter:
         (``should_stop()`` returning True) raises :class:`~napari_cdpdnet.errors.Cancelled`
         within one window; nothing is written here in any case.
         """
+        return self._segment(array, geometry, None, request, settings, progress=progress,
+                             should_stop=should_stop, clip_scorer=clip_scorer, force_task=force_task)
+
+    @staticmethod
+    def prepare(
+        array: np.ndarray, geometry: Geometry, settings: SegmentationSettings | None = None
+    ) -> PreparedCase:
+        """The CPU stage of :meth:`segment` (preprocessing, window plan): no model, no weights.
+
+        A static method, so a worker process can call it without a Segmenter (or its model).
+        """
+        from napari_cdpdnet.inference.pipeline import prepare_image
+        from napari_cdpdnet.inference.settings import SegmentationSettings
+
+        settings = settings or SegmentationSettings()
+        return PreparedCase(array, geometry, prepare_image(array, geometry, settings), settings)
+
+    def segment_prepared(
+        self,
+        prepared: PreparedCase,
+        request: str | Sequence[str | int] | Iterable[Structure],
+        settings: SegmentationSettings | None = None,
+        *,
+        progress: Callable[[ProgressEvent], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        clip_scorer: ClipChoice = None,
+        force_task: int | None = None,
+    ) -> SegmentationOutput:
+        """The device stage of :meth:`segment` on a :meth:`prepare` d case: windows,
+        post-processing, mapping back and the label table. Same result as :meth:`segment`.
+
+        ``settings`` default to the prepared ones; others may change the device, threads or
+        autocast, not what the preparation depends on (overlap, skip-air, box).
+        """
+        return self._segment(prepared.array, prepared.geometry, prepared.image, request,
+                             settings or prepared.settings, progress=progress,
+                             should_stop=should_stop, clip_scorer=clip_scorer, force_task=force_task)
+
+    def _segment(
+        self,
+        array: np.ndarray,
+        geometry: Geometry,
+        prepared: PreparedImage | None,
+        request: str | Sequence[str | int] | Iterable[Structure],
+        settings: SegmentationSettings | None,
+        *,
+        progress: Callable[[ProgressEvent], None] | None,
+        should_stop: Callable[[], bool] | None,
+        clip_scorer: ClipChoice,
+        force_task: int | None,
+    ) -> SegmentationOutput:
         from napari_cdpdnet.export.labeltable import build_label_table
         from napari_cdpdnet.inference.devices import resolve_device
         from napari_cdpdnet.inference.pipeline import segment_array
@@ -300,7 +369,7 @@ class Segmenter:
         passes = [(p.task.id, sorted(s.channel for s in p.structures)) for p in plan.passes]
         result = segment_array(
             array, geometry, passes, model, settings, rules=postprocess_rules(),
-            num_tasks=len(TASKS), progress=progress, should_stop=should_stop,
+            num_tasks=len(TASKS), progress=progress, should_stop=should_stop, prepared=prepared,
         )
         requested = [s.index for s in structures]
         table = build_label_table(result.labels, geometry, array, values=requested)
