@@ -425,3 +425,44 @@ def test_shards_run_as_independent_jobs_and_the_report_merges_them(
     assert written[0] | written[1] == {"a.nii.gz", "d.nii.gz", "e/e.nii.gz"}
     rows = {r.case: r.status for r in iter_case_rows(out)}  # the last job's report holds both
     assert rows == {"a.nii.gz": "ok", "d.nii.gz": "ok", "e/e.nii.gz": "ok", "broken/scan.nii.gz": "failed"}
+
+
+@pytest.mark.shared
+def test_dicom_stacks_sharing_a_uid_are_separate_cases_and_a_folder_to_one_file_reads_one(
+    shared_path, weights, tmp_path
+) -> None:
+    """The reader's grouping holds in a cohort: two stacks that share a SeriesInstanceUID in two
+    sub-folders are two cases, each read as its own stack; three blank-UID phases in one folder
+    are three cases. Given as the only input with a label-map -o, a folder of several series is
+    one scan: the reader takes the series with the most slices, as it always did."""
+    import awkward_inputs as A
+
+    base = A.load_series(shared_path("data", "dcmqi", "ct-3slice"))
+    root = tmp_path / "site"
+    uid = "1.2.826.0.1.3680043.8.498.4242"
+    A.write(A.as_new_series(base, series_uid=uid, series_number=2, description="first"), root / "p1" / "a")
+    A.write(A.as_new_series(base[:2] + base[2:], series_uid=uid, series_number=5, description="second",
+                            frame_uid="1.2.826.0.1.3680043.8.498.4243", shift_mm=(0, 0, 40)), root / "p1" / "b")
+    phases = [A.blank_uids(A.as_new_series(base, series_number=7, description=d, hu_offset=100 * k), delete=True)
+              for k, d in enumerate(("a-native", "b-arterial", "c-venous"))]
+    A.write([ds for p in phases for ds in p], root / "p2",
+            names=lambda k: f"X{k:03d}")
+    found = discover_cases([root], tmp_path / "out")
+    by_folder: dict[str, list] = {}
+    for c in found.cases:
+        by_folder.setdefault(c.source.relative_to(root).as_posix(), []).append(c)
+    assert sorted(by_folder) == ["p1/a", "p1/b", "p2"]
+    assert len(by_folder["p2"]) == 3 and len({c.output for c in by_folder["p2"]}) == 3
+    from napari_cdpdnet.io.images import read_ct
+
+    z = set()
+    for c in found.cases:
+        ct = read_ct(c.source, series_uid=c.series_uid)  # each case names a stack its folder can find
+        assert ct.array.shape[0] == 3
+        z.add((c.source.name, round(float(ct.geometry.origin[2]), 1), round(float(ct.array.mean()) / 50)))
+    assert len(z) == 5  # five different stacks, none read twice
+    ckpt, dino = weights
+    out = tmp_path / "one.nii.gz"
+    code = main(["segment", str(root / "p2"), "-s", "liver", "-o", str(out), "--checkpoint", str(ckpt),
+                 "--dino", str(dino), "--offline", "--no-progress", "--preset", "fast"])
+    assert code == 0 and out.exists()

@@ -136,44 +136,58 @@ def _under(path: Path, roots: Sequence[Path]) -> bool:
 
 # ------------------------------------------------------------------------------ folders
 def _dicom_series_items(dirs: Iterable[Path], base: Path, notes: list[str]) -> list[_Item]:
-    """One item per CT series found in ``dirs`` (a series may span several of them)."""
-    from napari_cdpdnet.io.dicom_scan import CT_MODALITIES, list_dicom_series
+    """One item per CT series found in ``dirs`` (a series may span several of them).
 
-    by_uid: dict[str, list] = defaultdict(list)
-    folders: dict[str, list[Path]] = defaultdict(list)
-    for d in sorted(dirs):
-        for s in list_dicom_series(d, recursive=False):
-            by_uid[s.uid].append(s)
-            folders[s.uid].append(d)
+    All files are grouped in one scan, by the reader's own rules (:mod:`napari_cdpdnet.io.dicom_grouping`:
+    stacks sharing a UID or lacking one are told apart), so a case is exactly one stack. Each case
+    names the key its folder's own scan gives that stack, which is what the reader will look up.
+    """
+    from napari_cdpdnet.io.dicom_scan import CT_MODALITIES, list_dicom_series, scan_files
+
+    dirs = sorted(set(dirs))
+    files = [f for d in dirs for f in sorted(d.iterdir()) if f.is_file() and not f.name.startswith(".")]
+    if not files:
+        return []
+    scan = scan_files(files, base)
     skipped: dict[str, int] = defaultdict(int)
     found = []
-    for uid, infos in by_uid.items():
-        first = infos[0]
-        if first.modality not in CT_MODALITIES or sum(i.num_slices for i in infos) == 0:
-            skipped[first.modality or "unknown modality"] += 1
+    for s in scan.series:
+        if s.modality not in CT_MODALITIES or s.num_slices == 0:
+            skipped[s.modality or "unknown modality"] += 1
             continue
-        source = Path(os.path.commonpath([str(f) for f in folders[uid]]))
-        files = [f for i in infos for f in i.files]
-        found.append((source, uid, first, files, sum(i.num_slices for i in infos)))
+        source = Path(os.path.commonpath([str(f.parent) for f in s.files]))
+        found.append((source, s))
     if skipped:
         what = ", ".join(f"{n} {m}" for m, n in sorted(skipped.items()))
         notes.append(f"left out DICOM series that are not CT images: {what}")
+    image_series = [s for s in scan.series if s.num_slices > 0]
     per_folder: dict[Path, int] = defaultdict(int)
-    for source, *_ in found:
+    for source, _ in found:
         per_folder[source] += 1
     items = []
-    for source, uid, first, files, slices in sorted(found, key=lambda f: (str(f[0]), f[2].series_number or 0, f[1])):
+    for source, s in sorted(found, key=lambda f: (str(f[0]), f[1].series_number or 0, f[1].uid)):
+        own = {str(f) for f in s.files}
+        crowded = any(o is not s and any(_under(f, [source]) for f in o.files) for o in image_series)
+        if s.uid == s.series_instance_uid:  # a unique UID names it wherever it is read
+            uid: str | None = s.uid
+        elif not crowded:  # the folder holds this stack only: the reader takes it as it is
+            uid = None
+        else:  # a key made by grouping: ask the folder's own scan what it calls this stack
+            uid = next((o.uid for o in list_dicom_series(source) if own & {str(f) for f in o.files}), s.uid)
         rel = source.relative_to(base).parts if source != base else (source.name,)
         if per_folder[source] > 1:
-            rel = (*rel, _series_label(first, uid))
-        items.append(_Item(source, tuple(rel), uid, input_bytes=sum(_size(f) for f in files),
-                           cost=_series_cost(files[0], slices)))
+            rel = (*rel, _series_label(s, s.uid))
+        items.append(_Item(source, tuple(rel), uid, input_bytes=sum(_size(f) for f in s.files),
+                           cost=_series_cost(s.files[0], s.num_slices)))
     return items
 
 
 def _series_label(info, uid: str) -> str:
+    """``series3_12345678``: the series number and the end of its key (safe in a file name)."""
+    import re
+
     number = f"series{info.series_number}" if info.series_number is not None else "series"
-    return f"{number}_{uid.rsplit('.', 1)[-1][-8:]}"
+    return f"{number}_{re.sub(r'[^A-Za-z0-9]+', '-', uid.rsplit('.', 1)[-1])[-10:]}"
 
 
 def _folder_items(root: Path, base: Path, exclude: Sequence[Path], notes: list[str]) -> list[_Item]:
@@ -339,6 +353,12 @@ def discover_cases(
             base = (path.parent if several else path) if path.is_dir() else None
             items += _path_items(path, base, series_uid, exclude, notes)
     file_output = full_suffix(output) in LABEL_MAP_SUFFIXES
+    if (file_output and len(items) > 1 and len(inputs) == 1 and Path(os.fspath(inputs[0])).expanduser().is_dir()
+            and all(i.source.is_dir() for i in items)):
+        # one DICOM folder to one label map: the reader picks the series (the CT with the most
+        # slices, or --series-uid) and says which, as for a single scan
+        path = Path(os.fspath(inputs[0])).expanduser()
+        items = [_Item(path, (path.name,), series_uid)]
     if file_output and len(items) > 1:
         raise InputError(
             f"{len(items)} cases ({', '.join(str(i.source) for i in items[:3])}"

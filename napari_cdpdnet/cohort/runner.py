@@ -233,8 +233,8 @@ class _RankRun:
                 self.errors[row.case] = error
             if self.log is not None:
                 self.log.case(row)
-        if row.status == "failed":
-            self._say(f"cdpdnet segment: {row.input}: {row.error}", err=True)
+        if row.status == "failed" and not (self.plan.single and not self.pos.distributed):
+            self._say(f"cdpdnet segment: {row.input}: {row.error}", err=True)  # one scan: raised once, later
 
     def _row(self, case: Case, index: int) -> CaseRow:
         return CaseRow(case=self.plan.name(case), input=str(case.source), series_uid=case.series_uid or "",

@@ -453,7 +453,7 @@ def _choose(scan: FolderScan, series_uid: str | None, allow_non_ct: bool) -> tup
             )
         if problem:
             raise InputError(f"{folder}: {pick.kind} {pick.describe()} cannot be read as a volume: {problem}")
-        return pick, list(scan.notes)
+        return pick, list(scan.notes) + _damaged_warning(scan)
     usable = [s for s in series if s.problem(allow_non_ct) is None]
     if not usable:
         raise InputError(scan.no_volume_message(allow_non_ct))
@@ -471,12 +471,16 @@ def _choose(scan: FolderScan, series_uid: str | None, allow_non_ct: bool) -> tup
             + "; ".join(s.describe() for s in others)
             + ". Pass series_uid=... (--series-uid) to read another."
         )
-    if scan.damaged:
-        warnings.append(
-            f"{folder}: {len(scan.damaged)} file(s) marked as DICOM {DAMAGED_NOTE} (damaged or "
-            f"truncated): {', '.join(p.name for p in scan.damaged[:5])}"
-        )
-    return chosen_one, warnings
+    return chosen_one, warnings + _damaged_warning(scan)
+
+
+def _damaged_warning(scan: FolderScan) -> list[str]:
+    """The warning about DICOM files that could not be read (whichever way the series was chosen:
+    a refusal of a series missing slices repeats it)."""
+    if not scan.damaged:
+        return []
+    return [f"{scan.where}: {len(scan.damaged)} file(s) marked as DICOM {DAMAGED_NOTE} (damaged or "
+            f"truncated): {', '.join(p.name for p in scan.damaged[:5])}"]
 
 
 def select_series(
