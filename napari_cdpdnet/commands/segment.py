@@ -28,7 +28,7 @@ _LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha", ".mhd")
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "segment",
-        help="segment CT scans (files or DICOM folders) into label maps",
+        help="segment CT scans into label maps: files, DICOM folders, or a cohort (folder tree, glob, manifest; resumable, torchrun)",
         description=(
             "Segment structures in CT scans with CDPDNet. Writes a label map on the scan's own "
             "grid (value = structure index 1..32, see 'cdpdnet structures') and a label table "
