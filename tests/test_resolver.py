@@ -234,6 +234,32 @@ def test_threshold_controls_fuzzy_acceptance() -> None:
         resolve("zzqv blob", threshold=0.0)
 
 
+@pytest.mark.parametrize("text, wrong", [
+    ("tumour of the large bowel", "colon"),        # a finding is not its organ
+    ("pancreatic cyst", "pancreas"),               # nor a cyst a tumour
+    ("adrenal mass", "kidney_tumor"),              # "adrenal" is no typo of "renal"
+    ("hepatic portal vein", "hepatic_vessel"),     # a swapped word is no typo
+])
+def test_a_fuzzy_match_never_changes_what_was_meant(text: str, wrong: str) -> None:
+    """Whole-string similarity rates these close to a known name; taking it would hand a
+    clinician another structure than the one typed. Refused instead, with the nearest names."""
+    try:
+        got = resolve(text).structure.key
+    except UnresolvedStructure as exc:
+        assert exc.suggestions
+        return
+    assert got != wrong
+
+
+@pytest.mark.parametrize("text, key", [
+    ("pancraes tumor", "pancreas_tumor"), ("urine bladder", "urinary_bladder"),
+    ("R fem head", "right_femoral_head"), ("main portal vein", "portal_splenic_vein"),
+    ("head of the pancreas", "pancreas"), ("gallbladdr", "gallbladder"),
+])
+def test_typos_abbreviations_and_qualifiers_still_match(text: str, key: str) -> None:
+    assert resolve(text).structure.key == key
+
+
 def test_laterality_is_never_swapped_by_fuzzy_matching() -> None:
     assert resolve("left kidny").structure.key == "left_kidney"
     assert resolve("rigth kidny").structure.key == "right_kidney"

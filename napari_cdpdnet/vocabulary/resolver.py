@@ -172,8 +172,50 @@ def _similarity(q: Query, key: str) -> float:
     return max(scores)
 
 
+#: A typed word is a misspelling of a known word when at least this similar to it (and about as
+#: long, see ``_swaps_a_word``): "pancraes"/"pancreas" 0.88; not "big"/"small", not "adrenal"/"renal".
+_WORD_TYPO = 0.6
+
+
+#: Words that turn an organ into a finding: an extra one of these is never a typo of the organ.
+_FINDING_WORDS = frozenset({"tumor", "tumour", "tumors", "cancer", "carcinoma", "adenocarcinoma", "mass",
+                            "lesion", "lesions", "cyst", "cysts", "metastasis", "metastases", "mets",
+                            "nodule", "neoplasm", "malignancy"})
+#: Cysts are their own outputs (Kidney Cyst): never read as a tumour, nor a tumour as a cyst.
+_CYST_WORDS = frozenset({"cyst", "cysts"})
+
+
+def _swaps_a_word(q: Query, key: str) -> bool:
+    """True when a fuzzy match would change what is meant rather than fix a misspelling.
+
+    Whole-string similarity rates "big intestine" close to "small intestine" and "tumour of the
+    large bowel" close to "large bowel" because most letters agree. Refused here: a typed word
+    that misspells no word of ``key`` while a word of ``key`` is left unmatched (a swapped word),
+    and an extra finding word (tumour, cyst, ...) that ``key`` lacks. Extra qualifiers stay
+    ("main portal vein", "head of the pancreas"). CLIP, when present, may still read such text.
+    """
+    def close(w: str, k: str) -> bool:
+        if w == k or k.startswith(w):  # the word, or its abbreviation ("fem" for "femoral")
+            return True
+        if w in _FINDING_WORDS and k in _FINDING_WORDS:  # one word for a solid finding for another
+            return not ({w, k} & _CYST_WORDS) or {w, k} <= _CYST_WORDS
+        # a misspelling: mostly the same letters, about as long (two letters more or fewer only
+        # with the same start: "urine"/"urinary", not "renal"/"adrenal")
+        return (SequenceMatcher(None, w, k).ratio() >= _WORD_TYPO
+                and (abs(len(w) - len(k)) <= 1 or (abs(len(w) - len(k)) == 2 and w[:3] == k[:3])))
+
+    typed = [w for w in q.text.split() if len(w) >= 3]
+    words = [k for k in key.split() if len(k) >= 3]
+    extra = [w for w in typed if not any(close(w, k) for k in words)]
+    missing = [k for k in words if not any(close(w, k) for w in typed)]
+    if extra and missing:
+        return True
+    return any(w in _FINDING_WORDS for w in extra) and not any(k in _FINDING_WORDS for k in words)
+
+
 def _fuzzy(q: Query) -> list[tuple[float, str, Entry]]:
-    """Candidates by similarity, best first, respecting a stated side."""
+    """Candidates by similarity, best first, respecting a stated side; a match that swaps a
+    word for another scores just under the floor (still a suggestion, never an answer)."""
     out = []
     for key, entry in phrase_table().items():
         if not entry.fuzzy:
@@ -181,7 +223,10 @@ def _fuzzy(q: Query) -> list[tuple[float, str, Entry]]:
         sides = {s.laterality for s in entry.structures}
         if q.laterality and entry.kind != "not_supported" and sides and q.laterality not in sides:
             continue
-        out.append((_similarity(q, key), key, entry))
+        score = _similarity(q, key)
+        if score >= _FUZZY_FLOOR and _swaps_a_word(q, key):
+            score = min(score, _FUZZY_FLOOR - 0.01)
+        out.append((score, key, entry))
     out.sort(key=lambda t: (-t[0], rank(t[2]), t[1]))
     return out
 
