@@ -510,11 +510,10 @@ class CDPDNetModel(nn.Module):
         comp = self._compiler
 
         def encode(images: torch.Tensor) -> list[torch.Tensor]:
-            return comp.call("dino", self.dino.encode, dev, images)
+            return comp.call("dino", self.dino.encode, dev, images, fused=sp.fused_dino)
 
         cache = self.slice_cache if sp.slice_cache else None
-        feats = self.dino(x, self.net.dino_slices_used(x.shape[2]), cache=cache,
-                          encode=encode if comp.enabled else None)
+        feats = self.dino(x, self.net.dino_slices_used(x.shape[2]), cache=cache, encode=encode)
         coeffs = self.net.film_coefficients()
         return comp.call("cnn", self.net.decode, dev, x, feats, task_id, coeffs, sp)
 

@@ -7,6 +7,8 @@ checked by tests/test_speedups.py on the tiny model and by the benchmark on the 
 
 * :class:`Speedups` — which exact speed-ups :class:`~napari_cdpdnet.model.cdpdnet.CDPDNetModel`
   uses (all on by default; ``Speedups.none()`` is the model as it was before them);
+* the DINOv2 blocks with one fused q/k/v projection and in-place element-wise steps
+  (:func:`~napari_cdpdnet.model.dino.fused_block`, bit-identical);
 * :func:`upsample_matmul` — a transposed convolution whose kernel equals its stride (no output
   overlap, as in every CDPDNet decoder stage) is one matrix multiply and a pixel shuffle; PyTorch's
   CPU kernel for it ran at 23–46 GFLOP/s, the matrix multiply is 2–3× faster and bit-identical;
@@ -40,6 +42,8 @@ class Speedups:
         slice_cache: reuse the DINO features of slices the previous call already encoded
             (:class:`~napari_cdpdnet.model.dino.SliceCache`); pays when consecutive windows differ
             only along the slicing axis (the engine's ``window_order="slices"``).
+        fused_dino: DINOv2 blocks with one q/k/v projection and in-place scaling, residuals and
+            GELU (:func:`~napari_cdpdnet.model.dino.fused_block`).
         matmul_upsampling: decoder transposed convolutions as matrix multiplies whose pixel
             shuffle writes straight into the decoder's concatenation buffer (no ``torch.cat``).
         matmul_head: the 1×1×1 output head as a matrix multiply.
@@ -49,6 +53,7 @@ class Speedups:
     """
 
     slice_cache: bool = True
+    fused_dino: bool = True
     matmul_upsampling: bool = True
     matmul_head: bool = True
     lean_calls: bool = True
@@ -153,10 +158,8 @@ class Compiler:
         return None
 
     def enable(self, enabled: bool = True) -> None:
-        """Switch compilation on or off (off drops the compiled functions)."""
+        """Switch compilation on or off (compiled functions are kept: switching back on is free)."""
         self.enabled = bool(enabled)
-        if not enabled:
-            self._compiled.clear()
 
     def call(self, name: str, fn: Callable[..., Any], device: torch.device, *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)``, compiled when enabled and possible."""
