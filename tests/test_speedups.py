@@ -128,7 +128,7 @@ def test_pointwise_head_as_matmul_is_bit_identical() -> None:
     assert torch.equal(pointwise_matmul(x, w), F.conv3d(x, w))
 
 
-@pytest.mark.parametrize("name", ["fused_dino", "matmul_upsampling", "matmul_head", "lean_calls"])
+@pytest.mark.parametrize("name", ["fused_dino", "lean_lwca", "matmul_upsampling", "matmul_head", "lean_calls"])
 def test_each_kernel_speedup_leaves_the_logits_bit_identical(tiny, column, name) -> None:
     plain = _run(tiny, column[:1], Speedups.none())[0]
     assert torch.equal(_run(tiny, column[:1], Speedups().only(name))[0], plain)
@@ -143,6 +143,21 @@ def test_fused_dino_block_equals_the_transformers_layer(tiny) -> None:
         assert torch.equal(fused_block(layer, hidden), layer(hidden))
     with torch.enable_grad():  # with gradients it is the layer itself
         assert torch.equal(fused_block(layer, hidden), layer(hidden))
+
+
+def test_lean_lwca_is_bit_identical_also_where_the_shift_mask_matters() -> None:
+    from napari_cdpdnet.model.lwca import LWCA
+
+    torch.manual_seed(0)
+    lwca = LWCA(16, heads=4).eval()
+    with torch.no_grad():
+        for p in lwca.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x, y = torch.randn(2, 16, 6, 9, 3), torch.randn(2, 16, 6, 9, 3)
+    with torch.inference_mode():
+        assert torch.equal(lwca(x, y, lean=True), lwca(x, y))
+        odd = torch.randn(1, 16, 5, 6, 6)  # needs padding: the lean path steps aside
+        assert torch.equal(lwca(odd, odd, lean=True), lwca(odd, odd))
 
 
 def test_lean_calls_copy_only_outside_inference_mode(tiny, column) -> None:

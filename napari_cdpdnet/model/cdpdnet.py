@@ -326,7 +326,7 @@ class CDPDNet(nn.Module):
             x = self.conv_blocks_context[d](x)
             if d in FUSED_STAGES:
                 y = self.adaptors[d - 1](dino_feats[d - FUSED_STAGES[0]], x.shape[2:])
-                x = self.crossatt[d - 1](x, y, straightforward)
+                x = self.crossatt[d - 1](x, y, straightforward, lean=sp.lean_lwca)
                 del y
             skips.append(x)
         b = film(self.conv_blocks_context[5](x), *coeffs[4])

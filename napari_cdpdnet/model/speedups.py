@@ -9,6 +9,8 @@ checked by tests/test_speedups.py on the tiny model and by the benchmark on the 
   uses (all on by default; ``Speedups.none()`` is the model as it was before them);
 * the DINOv2 blocks with one fused q/k/v projection and in-place element-wise steps
   (:func:`~napari_cdpdnet.model.dino.fused_block`, bit-identical);
+* LWCA with its shifts, partitions and merges as precomputed gathers (``torch.roll`` concatenated
+  three copies per tensor; bit-identical);
 * :func:`upsample_matmul` — a transposed convolution whose kernel equals its stride (no output
   overlap, as in every CDPDNet decoder stage) is one matrix multiply and a pixel shuffle; PyTorch's
   CPU kernel for it ran at 23–46 GFLOP/s, the matrix multiply is 2–3× faster and bit-identical;
@@ -44,6 +46,9 @@ class Speedups:
             only along the slicing axis (the engine's ``window_order="slices"``).
         fused_dino: DINOv2 blocks with one q/k/v projection and in-place scaling, residuals and
             GELU (:func:`~napari_cdpdnet.model.dino.fused_block`).
+        lean_lwca: LWCA's shift and window partition as one precomputed gather, its merge and
+            shift back as another, residuals and masks added in place (see
+            :mod:`~napari_cdpdnet.model.lwca`).
         matmul_upsampling: decoder transposed convolutions as matrix multiplies whose pixel
             shuffle writes straight into the decoder's concatenation buffer (no ``torch.cat``).
         matmul_head: the 1×1×1 output head as a matrix multiply.
@@ -54,6 +59,7 @@ class Speedups:
 
     slice_cache: bool = True
     fused_dino: bool = True
+    lean_lwca: bool = True
     matmul_upsampling: bool = True
     matmul_head: bool = True
     lean_calls: bool = True
