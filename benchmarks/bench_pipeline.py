@@ -4,25 +4,24 @@
 Each scenario runs in a fresh child process so that its peak resident memory (``ru_maxrss``) is its
 own. Two kinds of scenario:
 
-* ``real``: ``example_ct.nii.gz`` from the shared data with the predictor built by
-  ``--predictor module:factory`` (``factory(device) -> predictor(x, task_id)``). ``--predictor
-  full`` measures the full-size CDPDNet (random weights, seed 0: time and memory do not depend
-  on the weight values); the default, ``cheap``, is a stand-in whose cost is ~nothing, so the
-  numbers then show the engine's own overhead (pre/post-processing, blending, inverse).
-  It runs, in this order:
+* ``real``: ``example_ct.nii.gz`` from the shared data, one structure (``--channels``, default
+  liver). ``before`` (preset ``exact``, MONAI's window order, every model speed-up off: the
+  computation as it was before issue 18) and ``after`` (``exact``, window order ``slices``, all
+  exact speed-ups, no compile) **alternate** ``--rounds`` times (default 2), each in a fresh child
+  process: on a machine shared with others, neighbouring runs see similar load, and each child's
+  peak RSS is its own. Printed per run: stage times, the time inside model calls, peak RSS and the
+  load averages at its start and end; then the factors (sum over rounds and per round), whether
+  the label maps are identical (else how many voxels differ), the blended logits' max |diff| and
+  how many model-grid voxels change sign (with the largest |logit| among them: float32 rounding of
+  the blend flips only logits within rounding of 0). ``--fast``: the ``fast`` preset once, its
+  time and, per structure, the fraction of voxels whose label changed against ``exact`` after.
+  ``--compile``: one child compiles (cold if inductor's on-disk cache was empty), then one child
+  runs ``after`` compiled with the cache warm.
 
-  1. ``exact`` **before** (MONAI's window order, every model speed-up off: the computation as it
-     was before issue 18) and **after** (window order ``slices``, all exact speed-ups on),
-     alternating for ``--rounds`` rounds (a shared machine's load then hits both alike); printed:
-     the factor per round, peak RSS of each, and whether the two label maps are identical (else
-     the voxels that differ and the largest |blended logit| among them: differences where the
-     logit is within float32 rounding of 0 are the window order's last-bit rounding);
-  2. ``after + compile`` twice (``--compile``; full model only): the first child fills inductor's
-     on-disk cache (cold compile), the second starts with it warm; the compile warm-up is timed
-     apart from the segmentation, whose factor over ``after`` is the extra of compiling;
-  3. ``fast`` (``--fast``): its time and, against ``after``, per structure the fraction of
-     voxels whose label changed, and the max |difference| of the blended logits where both
-     ran windows.
+  ``--predictor full`` is the full-size CDPDNet (random weights, seed 0: time and memory do not
+  depend on the weight values); ``tiny`` a tiny one (checks the benchmark: a few minutes per run); ``cheap``
+  (default) a stand-in costing ~nothing: the engine's own overhead (pre/post-processing,
+  blending, inverse) and memory; or ``module:factory``.
 * ``large``: a synthetic 512×512×600 CT (0.7×0.7×1.0 mm, int16) through preprocessing, sliding
   window, post-processing and inverse with the cheap predictor, requesting all 32 structures (the
   worst case for the blending buffers) and one structure — the memory budget check (≤ ~12 GB).
@@ -30,7 +29,8 @@ own. Two kinds of scenario:
 Examples::
 
     python benchmarks/bench_pipeline.py                      # both scenarios, cheap predictor
-    python benchmarks/bench_pipeline.py --scenario real --predictor full --threads 2 --compile --fast
+    python benchmarks/bench_pipeline.py --scenario real --predictor full --threads 2 --fast
+    python benchmarks/bench_pipeline.py --scenario real --predictor tiny --rounds 1 --fast --compile
     python benchmarks/bench_pipeline.py --scenario large --threads 2
 """
 
@@ -41,6 +41,7 @@ import importlib
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -77,11 +78,27 @@ def full_factory(device):
     return build_model(CDPDNetConfig(), seed=0).to(device).eval()
 
 
+def tiny_factory(device):
+    """A tiny CDPDNet (random weights): exercises the benchmark itself in a minute."""
+    from napari_cdpdnet.model import CDPDNetConfig, build_model
+
+    return build_model(CDPDNetConfig.tiny(), seed=0).to(device).eval()
+
+
 def full_before_factory(device):
     """:func:`full_factory` with every exact speed-up off (the model as before issue 18)."""
     from napari_cdpdnet.model.speedups import Speedups
 
     model = full_factory(device)
+    model.speedups = Speedups.none()
+    return model
+
+
+def tiny_before_factory(device):
+    """:func:`tiny_factory` with every exact speed-up off."""
+    from napari_cdpdnet.model.speedups import Speedups
+
+    model = tiny_factory(device)
     model.speedups = Speedups.none()
     return model
 
@@ -93,6 +110,10 @@ def load_factory(spec: str):
         return full_factory
     if spec == "full-before":
         return full_before_factory
+    if spec == "tiny":
+        return tiny_factory
+    if spec == "tiny-before":
+        return tiny_before_factory
     module, _, name = spec.partition(":")
     if not name:
         raise SystemExit(f"--predictor {spec!r}: expected module:function or 'cheap'")
@@ -168,6 +189,21 @@ def child(args: argparse.Namespace) -> dict:
     if args.compile:
         predictor.set_compile(True)
         compile_s = compile_warmup(predictor, device)
+        if args.prime_only:
+            return {"compile_s": compile_s, "compiled": bool(predictor.compiled)}
+    model_s = [0.0]
+    if hasattr(predictor, "register_forward_hook"):  # time the model calls alone (window compute)
+        started = [0.0]
+
+        def pre_hook(*_):
+            started[0] = time.perf_counter()
+
+        def post_hook(*_):
+            model_s[0] += time.perf_counter() - started[0]
+
+        predictor.register_forward_pre_hook(pre_hook)
+        predictor.register_forward_hook(post_hook)
+    load_start = os.getloadavg()
     blended = {}
     if args.save_logits:  # keep the blended logits of the (single) pass for the comparisons
         real_sliding_window = pipeline.sliding_window
@@ -198,6 +234,9 @@ def child(args: argparse.Namespace) -> dict:
         "order": args.order,
         "compiled": bool(getattr(predictor, "compiled", False)),
         "compile_s": compile_s,
+        "autocast": settings.effective_autocast,
+        "model_s": model_s[0],
+        "load": [load_start, os.getloadavg()],
         "channels": len(args.channels),
         "load_s": load_s,
         "timings": result.timings,
@@ -213,7 +252,7 @@ def child(args: argparse.Namespace) -> dict:
 
 def run_child(input_: str, preset: str, channels: list[int], args: argparse.Namespace,
               save: str = "", *, predictor: str | None = None, order: str = "slices",
-              compile: bool = False, label: str = "") -> dict:
+              compile: bool = False, label: str = "", prime_only: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--child", "--input", input_, "--preset", preset,
            "--predictor", predictor or args.predictor, "--device", args.device, "--task", str(args.task),
            "--channels", ",".join(map(str, channels)), "--save", save, "--order", order,
@@ -222,6 +261,8 @@ def run_child(input_: str, preset: str, channels: list[int], args: argparse.Name
         cmd += ["--save-logits", save.replace(".npy", "_logits.npz")]
     if compile:
         cmd.append("--compile")
+    if prime_only:
+        cmd.append("--prime-only")
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
@@ -229,7 +270,8 @@ def run_child(input_: str, preset: str, channels: list[int], args: argparse.Name
     if proc.returncode != 0:
         raise SystemExit(f"scenario failed:\n{proc.stderr}")
     row = json.loads(proc.stdout.strip().splitlines()[-1])
-    report(row)
+    if not prime_only:
+        report(row)
     return row
 
 
@@ -243,6 +285,11 @@ def report(row: dict) -> None:
           f"post {t['postprocess']:5.1f}s  inv {t['invert']:5.1f}s  total {t['total']:7.1f}s  "
           f"peak RSS {row['peak_rss_mb'] / 1024:5.2f} GB (before run {row['baseline_rss_mb'] / 1024:4.2f} GB)"
           f"{extra}", flush=True)
+    if row.get("model_s"):
+        (a1, a5, _), (b1, b5, _) = row["load"]
+        print(f"{'':<24} {'':<16} model calls {row['model_s']:7.1f}s ({row['model_s'] / max(row['windows'], 1):5.2f}"
+              f"s/window)  load average (1, 5 min) at start {a1:.2f}, {a5:.2f}; at end {b1:.2f}, {b5:.2f}",
+              flush=True)
 
 
 def _load_logits(path: str):
@@ -283,77 +330,87 @@ def label_table(a, b, name_a: str, name_b: str) -> None:
     print(f"    all voxels: {int((a != b).sum())} of {a.size} differ ({(a != b).mean():.2e})")
 
 
-def real_scenario(args: argparse.Namespace) -> None:
-    import statistics
-    import tempfile
-
+def compare_runs(path, a: str, b: str, name_a: str, name_b: str, *, table: bool = False) -> str:
+    """One line: label maps of runs ``a`` and ``b`` identical or how many voxels differ, and their
+    blended logits' max |diff| with the model-grid voxels whose sign flips (``table``: per structure)."""
     import numpy as np
+
+    la, lb = np.load(path(f"{a}.npy")), np.load(path(f"{b}.npy"))
+    n = int((la != lb).sum())
+    d, flips, near = compare_logits(path(f"{a}_logits.npz"), path(f"{b}_logits.npz"))
+    line = (f"  {name_b} vs {name_a}: label maps "
+            f"{'identical' if n == 0 else f'differ in {n} of {la.size} voxels ({n / la.size:.2e})'}; "
+            f"blended logits max |diff| {d:.3g}, {flips} model-grid voxels change sign"
+            + (f" (largest |logit| among them {near:.3g})" if flips else ""))
+    print(line, flush=True)
+    if table:
+        label_table(la, lb, name_a, name_b)
+    return line
+
+
+def real_scenario(args: argparse.Namespace) -> None:
+    """``before`` and ``after`` alternating (``--rounds`` times), each in a fresh child process,
+    then ``fast`` once and with ``--compile`` ``after + compile`` (warm) once; see the module
+    docstring."""
+    import tempfile
 
     ct = shared_dir() / "data" / "totalsegmentator" / "example_ct.nii.gz"
     if not ct.exists():
         raise SystemExit(f"{ct} not found: set CDPDNET_SHARED_DIR")
-    before_predictor = "full-before" if args.predictor == "full" else args.predictor
+    model = args.predictor in ("full", "tiny")
+    before_predictor = {"full": "full-before", "tiny": "tiny-before"}.get(args.predictor, args.predictor)
+    rows: dict[str, list[dict]] = {"before": [], "after": []}
     with tempfile.TemporaryDirectory() as tmp:
         def path(name: str) -> str:
-            return str(Path(tmp) / f"{name}.npy")
+            return str(Path(tmp) / name)
 
-        rows: dict[str, list[dict]] = {"before": [], "after": []}
-        print(f"exact, before (MONAI order, speed-ups off) vs after (order 'slices', speed-ups on), "
-              f"{args.rounds} round(s), alternating:")
-        for r in range(args.rounds):
-            order = ("before", "after") if r % 2 == 0 else ("after", "before")
-            for which in order:
-                rows[which].append(run_child(
-                    str(ct), "exact", args.channels, args, save=path(f"{which}{r}"),
-                    predictor=before_predictor if which == "before" else args.predictor,
-                    order="monai" if which == "before" else "slices", label=f"exact {which}"))
-        factors = [b["timings"]["inference"] / a["timings"]["inference"]
-                   for b, a in zip(rows["before"], rows["after"], strict=True)]
-        totals = [b["timings"]["total"] / a["timings"]["total"]
-                  for b, a in zip(rows["before"], rows["after"], strict=True)]
-        print(f"  factor after/before: inference {', '.join(f'{f:.2f}' for f in factors)} "
-              f"(median {statistics.median(factors):.2f}); whole run {', '.join(f'{f:.2f}' for f in totals)}")
-        peak_b = max(r["peak_rss_mb"] for r in rows["before"])
-        peak_a = max(r["peak_rss_mb"] for r in rows["after"])
+        print("exact before (every model speed-up off, MONAI window order: the computation before "
+              "issue 18) and exact after (exact speed-ups on, window order 'slices', no compile), "
+              "alternating, each in a fresh process", flush=True)
+        for r in range(1, args.rounds + 1):
+            rows["before"].append(run_child(str(ct), "exact", args.channels, args, save=path(f"before{r}.npy"),
+                                            predictor=before_predictor, order="monai", label=f"before #{r}"))
+            rows["after"].append(run_child(str(ct), "exact", args.channels, args, save=path(f"after{r}.npy"),
+                                           order="slices", label=f"after #{r}"))
+        for part in ("inference", "total"):
+            b = [row["timings"][part] for row in rows["before"]]
+            a = [row["timings"][part] for row in rows["after"]]
+            pairs = ", ".join(f"{x / y:.2f}" for x, y in zip(b, a, strict=True))
+            print(f"  factor after over before, {part}: {sum(b) / sum(a):.2f} (sum of rounds; per round {pairs})")
+        if model:
+            mb = [row["model_s"] for row in rows["before"]]
+            ma = [row["model_s"] for row in rows["after"]]
+            print(f"  factor after over before, model calls only: {sum(mb) / sum(ma):.2f}; engine outside the "
+                  f"model: before {statistics.mean(row['timings']['total'] - row['model_s'] for row in rows['before']):.1f} s, "
+                  f"after {statistics.mean(row['timings']['total'] - row['model_s'] for row in rows['after']):.1f} s")
+        peak_b = max(row["peak_rss_mb"] for row in rows["before"])
+        peak_a = max(row["peak_rss_mb"] for row in rows["after"])
         print(f"  peak RSS: before {peak_b / 1024:.2f} GB, after {peak_a / 1024:.2f} GB "
-              f"(after − before {(peak_a - peak_b) / 1024:+.2f} GB)")
-        lb, la = np.load(path("before0")), np.load(path("after0"))
-        if np.array_equal(lb, la):
-            print("  label maps before and after: identical")
-        else:
-            print(f"  label maps before and after: {int((lb != la).sum())} voxels differ")
-        d, flips, near = compare_logits(path("before0").replace(".npy", "_logits.npz"),
-                                        path("after0").replace(".npy", "_logits.npz"))
-        print(f"  blended logits after vs before: max |diff| {d:.3g}; {flips} model-grid voxels change "
-              f"sign (largest |logit| among them {near:.3g})")
-
-        if args.compile and args.predictor == "full":
-            print("after + compile (first child: cold inductor cache unless already warm; second: warm):")
-            comp = [run_child(str(ct), "exact", args.channels, args, save=path(f"compile{i}"),
-                              compile=True, label=f"exact compile {i + 1}") for i in range(2)]
-            warm = comp[-1]
-            ref = statistics.median(r["timings"]["inference"] for r in rows["after"])
-            print(f"  compile warm-up: {comp[0]['compile_s']:.1f} s then {warm['compile_s']:.1f} s; "
-                  f"extra factor of compile over 'after' (inference): {ref / warm['timings']['inference']:.2f}"
-                  f"{'' if warm['compiled'] else ' -- compile FAILED, ran eagerly'}")
-            d, flips, near = compare_logits(path("after0").replace(".npy", "_logits.npz"),
-                                            path("compile1").replace(".npy", "_logits.npz"))
-            n = int((np.load(path("compile1")) != la).sum())
-            print(f"  compiled vs after: max |logit diff| {d:.3g}, {flips} voxels change sign; "
-                  f"label maps {'identical' if n == 0 else f'differ in {n} voxels'}")
-
+              f"(after - before {(peak_a - peak_b) / 1024:+.2f} GB)")
+        compare_runs(path, "before1", "after1", "before", "after")
+        if args.rounds > 1:
+            compare_runs(path, "before1", f"before{args.rounds}", "before #1", f"before #{args.rounds}")
+            compare_runs(path, "after1", f"after{args.rounds}", "after #1", f"after #{args.rounds}")
         if args.fast:
-            print("fast (overlap 0.25, air windows skipped, reduced precision where the CPU has it) vs exact after:")
-            fast = run_child(str(ct), "fast", args.channels, args, save=path("fast"), label="fast")
-            ref = statistics.median(r["timings"]["total"] for r in rows["after"])
-            before = statistics.median(r["timings"]["total"] for r in rows["before"])
-            print(f"  time: fast {fast['timings']['total']:.1f} s, exact after {ref:.1f} s "
-                  f"({ref / fast['timings']['total']:.2f}x), exact before {before:.1f} s "
-                  f"({before / fast['timings']['total']:.2f}x); windows {fast['windows']} vs {rows['after'][0]['windows']}")
-            d, flips, _ = compare_logits(path("after0").replace(".npy", "_logits.npz"),
-                                         path("fast").replace(".npy", "_logits.npz"))
-            print(f"  blended logits fast vs exact: max |diff| {d:.3g}, {flips} model-grid voxels change sign")
-            label_table(la, np.load(path("fast")), "exact", "fast")
+            fast = run_child(str(ct), "fast", args.channels, args, save=path("fast.npy"), order="slices",
+                             label="fast")
+            after_s = statistics.mean(row["timings"]["total"] for row in rows["after"])
+            before_s = statistics.mean(row["timings"]["total"] for row in rows["before"])
+            print(f"  fast: total {fast['timings']['total']:.1f} s = {after_s / fast['timings']['total']:.2f}x "
+                  f"faster than exact after (mean), {before_s / fast['timings']['total']:.2f}x than exact before "
+                  f"(not alternated: one run; autocast {fast['autocast']})")
+            compare_runs(path, "after1", "fast", "exact", "fast", table=True)
+        if args.compile:
+            prime = run_child(str(ct), "exact", args.channels, args, save="", order="slices", compile=True,
+                              label="compile (prime)", prime_only=True)
+            print(f"  compile in a fresh process (fills inductor's on-disk cache; cold if it was empty): "
+                  f"{prime['compile_s']:.1f} s{'' if prime['compiled'] else ' -- FAILED, eager'}", flush=True)
+            comp = run_child(str(ct), "exact", args.channels, args, save=path("compiled.npy"), order="slices",
+                             compile=True, label="after+compile")
+            after_s = statistics.mean(row["timings"]["inference"] for row in rows["after"])
+            print(f"  compile (warm): inference {comp['timings']['inference']:.1f} s, extra factor over after "
+                  f"{after_s / comp['timings']['inference']:.2f} (not alternated: one run)")
+            compare_runs(path, "after1", "compiled", "after", "after+compile")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -366,9 +423,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--task", type=int, default=0, help="task prompt id (0 = BTCV)")
     parser.add_argument("--channels", default="5", help="comma-separated channels for 'real' (5 = liver)")
-    parser.add_argument("--rounds", type=int, default=1, help="'real': before/after rounds (default 1)")
-    parser.add_argument("--compile", action="store_true", help="'real', full model: also time torch.compile")
-    parser.add_argument("--fast", action="store_true", help="'real': also run the fast preset and compare")
+    parser.add_argument("--rounds", type=int, default=2, help="'real': before/after pairs to alternate")
+    parser.add_argument("--compile", action="store_true",
+                        help="'real': also compile once (cold if inductor's cache is empty) and time after+compile warm")
+    parser.add_argument("--fast", action="store_true", help="'real': also run the fast preset once")
+    parser.add_argument("--prime-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
     parser.add_argument("--preset", default="exact", help=argparse.SUPPRESS)

@@ -296,14 +296,15 @@ def test_inductor_cache_goes_to_the_user_cache_folder(monkeypatch, tmp_path) -> 
 
 @pytest.mark.slow
 def test_compiled_tiny_model_matches_eager(column, monkeypatch, tmp_path) -> None:
-    """A real inductor compile of the tiny model (tens of seconds): same logits within 1e-4."""
+    """A real inductor compile of the tiny model, one window (1-2 minutes on 2 CPU cores, more
+    under load): same logits within 1e-4, inductor's files where it was told to put them."""
     if Compiler.unavailable_reason(torch.device("cpu")) is not None:
         pytest.skip(Compiler.unavailable_reason(torch.device("cpu")))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     model = build_model(CDPDNetConfig.tiny(), seed=0).eval()
-    eager = _run(model, column[:2], Speedups())
+    eager = _run(model, column[:1], Speedups())
     assert model.set_compile(True)
-    compiled = _run(model, column[:2], Speedups())
+    compiled = _run(model, column[:1], Speedups())
     assert model.compiled, model._compiler.failed
     for a, b in zip(eager, compiled, strict=True):
         assert (a - b).abs().max().item() <= 1e-4

@@ -451,8 +451,9 @@ class CDPDNetModel(nn.Module):
         napari-cdpdnet cache folder). Where inductor cannot work the model logs why and runs
         eagerly. Returns whether compilation is (still) on.
         """
+        was = self._compiler.enabled
         self._compiler.enable(enabled)
-        if enabled:
+        if enabled and not was and self._compiler.failed is None:
             reason = Compiler.unavailable_reason(self.device)
             if reason is not None:
                 self._compiler.failed = reason
