@@ -39,6 +39,7 @@ from napari_cdpdnet._gui import notify  # noqa: E402
 from napari_cdpdnet._gui.example_panel import ExamplePanel  # noqa: E402
 from napari_cdpdnet._gui.layer_input import ImageSnapshot  # noqa: E402
 from napari_cdpdnet._gui.pick_panel import PickPanel  # noqa: E402
+from napari_cdpdnet._gui.recovery import Recovery  # noqa: E402
 from napari_cdpdnet._gui.run_panel import RunPanel  # noqa: E402
 from napari_cdpdnet._gui.weights_panel import WeightsPanel  # noqa: E402
 from napari_cdpdnet._gui.worker import Jobs  # noqa: E402
@@ -92,6 +93,8 @@ class SegmentationWidget(QWidget):
         #: id(result layer) -> the user's edits in it (a merge spares those voxels).
         self.trackers: dict[int, _layers.EditTracker] = {}
         self.jobs = Jobs(on_busy=self._set_busy)
+        #: autosave of edited result layers, restore offers, the question before closing.
+        self.recovery = Recovery(napari_viewer, self.trackers, parent=self)
         self._last_status = "idle"
         self.run_panel = RunPanel(self)
         self.weights_panel = WeightsPanel(self)
@@ -130,6 +133,8 @@ class SegmentationWidget(QWidget):
         self.completer = request.completer
         self.tree = request.tree
         self.resolved_label = request.resolved_label
+        self.understanding = request.understanding  # how each phrase was read (CLIP included)
+        self.clip_button = self.weights_panel.clip_button
         self.device_combo = run.device_combo
         self.preset_combo = run.preset_combo
         self.merge_combo = run.merge_combo
@@ -162,10 +167,11 @@ class SegmentationWidget(QWidget):
         self.example_click_button.toggled.connect(lambda on: on and self.pick_button.setChecked(False))
         # Workers and viewer events report after the dock may have been closed; closing it
         # also cancels a running job (nothing would show its result) and removes click tools.
-        jobs, tools = self.jobs, (self.pick_panel.tool, self.example_panel.tool)
+        jobs, tools, recovery = self.jobs, (self.pick_panel.tool, self.example_panel.tool), self.recovery
 
         def closed(*_a: Any) -> None:
             jobs.close()
+            recovery.close()
             for tool in tools:
                 tool.set_on(False)
 
@@ -264,6 +270,7 @@ class SegmentationWidget(QWidget):
             kwargs["metadata"]["cdpdnet"]["example"] = example
         layer = self.viewer.add_labels(data, **kwargs)
         self.trackers[id(layer)] = _layers.EditTracker(layer)
+        self.recovery.watch(layer, self.trackers[id(layer)])
         return layer
 
     # ------------------------------------------------------------------ forwarded to the panels

@@ -21,7 +21,7 @@ __all__ = ["main", "build_parser", "EXIT_CODES"]
 
 #: Subcommand modules, in the order ``cdpdnet --help`` lists them.
 COMMAND_MODULES: tuple[str, ...] = (
-    "segment", "segment_by_example", "structures", "weights", "train", "evaluate",
+    "segment", "segment_by_example", "report", "structures", "weights", "train", "evaluate",
     "train_roi_prompts", "info", "view",
 )
 

@@ -58,6 +58,12 @@ def _no_triton_next_to_opengl() -> None:
 
 
 @pytest.fixture(autouse=True)
+def _recovery_in_tmp(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The dock autosaves edited layers: each test gets its own recovery folder, never the user's."""
+    monkeypatch.setenv("CDPDNET_RECOVERY_DIR", str(tmp_path_factory.mktemp("recovery")))
+
+
+@pytest.fixture(autouse=True)
 def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never download: the Hugging Face hub is forced offline for every test."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

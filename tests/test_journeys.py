@@ -141,6 +141,7 @@ def test_hub_that_never_answers_costs_one_short_timeout() -> None:
 NOT_RUN = {
     "cdpdnet train --config run.yaml": "needs a training configuration of the user's (docs/training.md)",
     "cdpdnet view ct.nii.gz": "opens a window until closed: the start.sh test above walks it",
+    "cdpdnet report results/": "needs the logs of a cohort run (tests/test_cohort.py runs it)",
 }
 
 
@@ -169,6 +170,10 @@ def _workspace(shared_path, folder: Path) -> dict[str, str]:
     for name in ("dicom_folder", "c_dicom"):
         shutil.copytree(dicom, folder / name)
     shutil.copy(shared_path("data", "totalsegmentator", "example_seg.nii.gz"), folder / "seg.nii.gz")
+    (folder / "cohort" / "p1").mkdir(parents=True)
+    shutil.copy(ct, folder / "cohort" / "p1" / "ct.nii.gz")
+    shutil.copytree(dicom, folder / "cohort" / "p2")
+    (folder / "cases.csv").write_text("input,structures\ncohort/p1/ct.nii.gz,liver\nc_dicom,spleen; liver\n")
     from napari_cdpdnet.io.images import read_ct
 
     geometry = read_ct(ct).geometry

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -121,13 +122,18 @@ def test_reader_shows_non_ct_with_a_warning_and_no_hu_window(tmp_path: Path) -> 
     assert kind == "image" and "contrast_limits" not in kwargs
 
 
-def test_reader_function_raises_the_specific_error_for_a_damaged_file(tmp_path: Path) -> None:
+def test_reader_function_notifies_the_specific_error_for_a_damaged_file(tmp_path: Path, notes) -> None:
+    from napari_cdpdnet._reader import read_layers
+
     bad = tmp_path / "broken.nii.gz"
     bad.write_bytes(b"not really gzip")
     reader = napari_get_reader(str(bad))  # cheap check passes on the suffix
     assert callable(reader)
+    assert reader(str(bad)) == [(None,)]  # napari's "nothing to add": no traceback dialog
+    [message] = notes["error"]
+    assert re.search(r"broken\.nii\.gz: not a readable NIfTI image", message)
     with pytest.raises(CdpdnetError, match=r"broken\.nii\.gz: not a readable NIfTI image"):
-        reader(str(bad))
+        read_layers(str(bad))  # the raising variant, for code that wants the exception
 
 
 # ================================================================== writer

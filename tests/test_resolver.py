@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from napari_cdpdnet.errors import VocabularyError, WeightsError
-from napari_cdpdnet.vocabulary.catalog import STRUCTURES, structure
+from napari_cdpdnet.vocabulary.catalog import LANGUAGES, STRUCTURES, structure
 from napari_cdpdnet.vocabulary.resolver import (
+    ClipThresholds,
     UnresolvedStructure,
     normalize,
     resolve,
@@ -249,6 +251,14 @@ def test_every_phrase_in_the_data_resolves_to_its_structure() -> None:
     for s in STRUCTURES:
         for phrase in (*s.synonyms, *s.abbreviations, *s.part_terms):
             assert resolve(phrase).structure == s, phrase
+        names = {normalize(s.name), normalize(s.official_name)}
+        for code, phrase in s.other_languages:  # and says which language it read
+            r = resolve(phrase)
+            if normalize(phrase) in names:  # "pancréas" without its accent is the name itself
+                assert (r.structure, r.source) == (s, "name"), phrase
+                continue
+            assert (r.structure, r.source) == (s, "language"), phrase
+            assert LANGUAGES[code] in r.language and r.language in r.reason, phrase
 
 
 def test_word_lists_are_read_from_terms_json() -> None:
@@ -348,14 +358,22 @@ def test_clip_scores_against_the_checkpoint_embeddings(random_clip) -> None:
         1 / 0.07, rel=1e-4
     )  # an untrained model's temperature
 
-    r = resolve(query, clip_scorer=scorer, threshold=0.0)
-    assert (r.structure, r.method) == (target, "clip")
-    assert r.confidence == pytest.approx(float(probs[target.channel]), abs=1e-3)
+    r = resolve(query, clip_scorer=scorer)
+    assert (r.structure, r.method, r.source) == (target, "clip", "CLIP")
+    runner_up = float(np.sort(cos)[-2])
+    assert r.confidence == pytest.approx(1.0, abs=1e-3) and r.cosine == pytest.approx(1.0, abs=1e-5)
+    assert r.margin == pytest.approx(1.0 - runner_up, abs=1e-5)
+    assert [s for s, _ in r.alternatives] == [STRUCTURES[i] for i in np.argsort(-cos)[1:4]]
     assert "A computerized tomography of a Hepatic Vessel" in r.reason
-    # an untrained model is not confident: at the default threshold it refuses, CLIP's pick first
+    # a margin the ranking does not reach: refused as ambiguous, CLIP's pick first
     with pytest.raises(UnresolvedStructure) as err:
-        resolve(query, clip_scorer=scorer)
-    assert err.value.suggestions[0] == target and "CLIP" in str(err.value)
+        resolve(query, clip_scorer=scorer, clip_thresholds=ClipThresholds(0.5, 1.0 - runner_up + 0.01))
+    assert err.value.kind == "ambiguous" and err.value.suggestions[0] == target
+    assert "CLIP cannot tell" in str(err.value)
+    # an untrained model's ordinary text: its best cosine barely beats the next, so it is refused
+    with pytest.raises(UnresolvedStructure) as err:
+        resolve("zzqv blob", clip_scorer=ClipScorer(model, random_clip[2], tokenizer=tokenizer))
+    assert "CLIP" in str(err.value) and err.value.clip is not None
 
 
 @pytest.mark.slow

@@ -311,3 +311,16 @@ def test_cli_structures_resolve_shows_matches_and_plan(capsys: pytest.CaptureFix
     assert data["resolved"][0]["key"] == "liver_tumor" and data["required_channels"] == [5, 26]
     assert main(["structures", "--resolve", "brain, liver"]) == 5
     assert "'brain' is not one of the 32 structures" in capsys.readouterr().err
+
+
+def test_each_task_carries_its_official_ttpg_sentence() -> None:
+    """The 11 sentences of txt_task_encoding.pth, row = task id (SPEC §6.2), rows 8-10 flagged."""
+    from napari_cdpdnet.vocabulary.catalog import TASK_PROMPT_TEMPLATE
+
+    assert TASK_PROMPT_TEMPLATE == "A task of segmenting {} in computerized tomography"
+    assert TASKS[3].prompt == "A task of segmenting Liver, Liver Tumor in computerized tomography"
+    assert TASKS[4].prompt == (
+        "A task of segmenting Right Kidney, Left Kidney, Kidney Tumor, Kidney Cyst in computerized tomography")
+    assert "Celiac Truck" in TASKS[9].prompt and "Right Lung" in TASKS[8].prompt  # the official order
+    assert [t.id for t in TASKS if t.prompt_note] == [8, 9, 10]
+    assert all(t.prompt.startswith("A task of segmenting ") for t in TASKS)

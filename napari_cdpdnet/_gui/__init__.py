@@ -6,7 +6,8 @@ the work happens in :mod:`napari_cdpdnet.inference` and :mod:`napari_cdpdnet.exp
 
 The segmentation dock (``_widget.SegmentationWidget``) stacks ``run_panel`` (with
 ``request_box``), ``weights_panel``, ``pick_panel`` and ``example_panel``; they start work through
-``worker.Jobs`` and notify through ``notify``. ``layer_input`` reads layers into core inputs and
+``worker.Jobs`` and notify through ``notify``; ``recovery`` autosaves edited result layers and
+offers them back. ``layer_input`` reads layers into core inputs and
 ``layers`` writes results back (both without Qt). ``launch`` opens the viewer for
 ``cdpdnet view``; ``triton_guard`` keeps triton away from the OpenGL canvas.
 """

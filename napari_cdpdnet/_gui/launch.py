@@ -42,13 +42,19 @@ def open_paths(viewer: Any, paths: Sequence[str | Path]) -> list[str]:
     """Open each path with this plugin's reader; returns the error messages (empty when all opened)."""
     from napari.utils.notifications import show_error
 
+    from napari_cdpdnet import _reader
     from napari_cdpdnet.io.images import check_input_path
 
     errors = []
     for path in paths:
         try:
             # our own checks first: napari would only say "No compatible readers are available"
+            refused = len(_reader.REFUSALS)
             viewer.open(str(check_input_path(path)), plugin=PLUGIN)
+            if len(_reader.REFUSALS) > refused:  # the reader notified already; report it here too
+                message = f"could not open {path}: {_reader.REFUSALS[-1]}"
+                print(f"cdpdnet view: {message}", file=sys.stderr)
+                errors.append(message)
         except Exception as exc:  # noqa: BLE001 - a bad path must not stop the viewer from opening
             message = f"could not open {path}: {_root_message(exc)}"
             logger.debug("open failed", exc_info=True)

@@ -32,6 +32,7 @@ from superqt.utils import signals_blocked
 
 from napari_cdpdnet._gui import layer_input, notify
 from napari_cdpdnet._gui import layers as _layers
+from napari_cdpdnet._gui.clip_matcher import ClipMatcher
 from napari_cdpdnet._gui.layer_input import ImageSnapshot
 from napari_cdpdnet._gui.request_box import RequestBox
 from napari_cdpdnet.errors import CdpdnetError
@@ -120,7 +121,7 @@ class RunPanel(QWidget):
         form.addRow("Image:", self.image_combo)
         layout.addLayout(form)
 
-        self.request = RequestBox()
+        self.request = RequestBox(matcher=ClipMatcher(dock))
         layout.addWidget(self.request)
 
         # magicgui value widgets in a Qt form: QFormLayout sizes the labels in napari's font

@@ -44,6 +44,15 @@ def _ask_save_path(parent: QWidget, caption: str, file_filter: str) -> str | Non
     return path or None
 
 
+def _offer_without_dicom_seg(parent: QWidget, reason: str) -> bool:
+    answer = QMessageBox.question(
+        parent, "DICOM-SEG cannot be written",
+        f"{reason}\n\nExport the label map and its table without the DICOM-SEG?",
+        QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No, QMessageBox.StandardButton.Yes,
+    )
+    return answer == QMessageBox.StandardButton.Yes
+
+
 def _confirm_overwrite(parent: QWidget, paths: Sequence[Path]) -> bool:
     names = "\n".join(str(p) for p in paths)
     answer = QMessageBox.question(
@@ -70,6 +79,9 @@ class TableExport:
         self.ask_save_path: Callable[[str, str], str | None] = lambda c, f: _ask_save_path(self, c, f)
         #: ``confirm_overwrite(existing paths) -> bool``; replace to bypass the question.
         self.confirm_overwrite: Callable[[Sequence[Path]], bool] = lambda p: _confirm_overwrite(self, p)
+        #: ``offer_without_dicom_seg(reason) -> bool``: DICOM-SEG was asked for but its source
+        #: cannot be referenced (blank UIDs); True exports the label map and table without it.
+        self.offer_without_dicom_seg: Callable[[str], bool] = lambda r: _offer_without_dicom_seg(self, r)
         #: Paths written by the last export (also when a worker wrote them), else None.
         self.last_export: list[Path] | None = None
         self._export_worker: Any = None
@@ -154,12 +166,16 @@ class TableExport:
         self.last_export = None
         try:
             labels, geometry, image, options = self._inputs()
+            formats = self._without_impossible_dicom_seg(formats, geometry)
+            if formats is None:
+                return None
             values = present_values(labels)
             keys = [label_key(v, cdpdnet=options["cdpdnet"]) for v in values]
             flag = self._may_write(export_paths(path, keys, formats=formats), overwrite)
             if flag is None:
                 return None
             layer = self.labels_layer()
+            self._export_layer = layer
             colors = {v: hex_color(layer.get_color(v)) for v in values}
             kwargs = dict(formats=formats, colors=colors, overwrite=flag, **options)
             if background is None:
@@ -185,8 +201,30 @@ class TableExport:
         self._exported(written)
         return written
 
+    def _without_impossible_dicom_seg(self, formats: list[str], geometry: Any) -> list[str] | None:
+        """DICOM-SEG asked for a source it cannot reference (blank UIDs): say so plainly and offer
+        the label map and table alone (NIfTI/NRRD); None when the user declines."""
+        from napari_cdpdnet.export.dicomseg import dicom_seg_problem
+
+        if "dicom_seg" not in formats or geometry.dicom is None:
+            return formats  # no DICOM source at all: export_segmentation says so
+        problem = dicom_seg_problem(geometry)
+        if problem is None:
+            return formats
+        reason = f"DICOM-SEG cannot be written: {problem}."
+        if self.offer_without_dicom_seg(reason):
+            logger.info("exporting without DICOM-SEG: %s", problem)
+            return [f for f in formats if f != "dicom_seg"]
+        self.status.setText(f"not exported: {reason} Untick DICOM-SEG to export the label map and table.")
+        return None
+
     def _exported(self, written: list[Path]) -> None:
+        from napari_cdpdnet._gui.recovery import note_export
+
         self.last_export = written
+        layer = getattr(self, "_export_layer", None)
+        if layer is not None:
+            note_export(layer, written)  # its autosaved copy is no longer offered back
         self.status.setText(f"exported {len(written)} files: {', '.join(p.name for p in written)}")
 
     def _export_finished(self) -> None:

@@ -1,8 +1,10 @@
-"""``cdpdnet segment``: segment one CT or many into label maps with label tables beside them.
+"""``cdpdnet segment``: segment one CT or a whole cohort into label maps with label tables beside them.
 
 Files are written only through :func:`napari_cdpdnet.export.export_segmentation`, all or nothing
 per input; the export options (``--dicom-seg``, ``--stl``, ``--probabilities``) are made from
-the format registry by :func:`add_export_options`, which ``segment-by-example`` shares.
+the format registry by :func:`add_export_options`, which ``segment-by-example`` shares. Inputs
+(folders, globs, manifests), resuming, torchrun ranks, shards and the run report live in
+:mod:`napari_cdpdnet.cohort`; this module parses, checks the request and hands over.
 """
 
 from __future__ import annotations
@@ -10,12 +12,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 
-from napari_cdpdnet.errors import CdpdnetError, InputError
+from napari_cdpdnet.commands._clip import add_clip_options, clip_settings, print_understanding
+from napari_cdpdnet.errors import InputError
 from napari_cdpdnet.export.formats import FORMATS, optional_formats
-from napari_cdpdnet.geometry import Geometry
 from napari_cdpdnet.inference.settings import DEFAULT_PRESET, PRESETS, preset_help
 from napari_cdpdnet.vocabulary.catalog import TASKS
 
@@ -33,8 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "grid (value = structure index 1..32, see 'cdpdnet structures') and a label table "
             "<name>.csv beside it, plus the files the export options ask for: all of them or, "
             "if anything fails, none. CDPDNet always computes the same 32 structures; the names "
-            "you give select which are kept (and which task prompt runs), they are not "
-            "free-form prompts."
+            "you give select which are kept (and which task prompt runs). Wording the lexicon "
+            "does not know is matched to one of the 32 by CLIP (--clip); how each name was "
+            "understood and the task prompt that runs are printed before any work."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
@@ -42,16 +44,25 @@ def register(sub: argparse._SubParsersAction) -> None:
             "  cdpdnet segment ct.nii.gz -s liver -s 'left kidney' -o liver_kidney.nii.gz\n"
             "  cdpdnet segment dicom_folder/ -s 'liver, spleen' -o out/ --dicom-seg --stl\n"
             "  cdpdnet segment a.nii.gz b.nii.gz c.nrrd -s pancreas -o results/ --preset fast\n"
+            "  cdpdnet segment ct.nii.gz -s 'main artery of the abdomen' -o aorta.nii.gz --clip on\n"
+            "  cdpdnet segment cohort/ -s liver -o results/ --skip-existing   # every CT below cohort/\n"
+            "  cdpdnet segment cases.csv -o results/    # manifest: input[,output][,structures]\n"
+            "  torchrun --nproc_per_node 4 -m napari_cdpdnet.cli segment cohort/ -s liver -o results/\n"
+            "(see docs/cohort.md: several GPUs and nodes, Slurm arrays, resume, the run report)\n"
         ),
     )
-    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="CT file or DICOM folder")
     p.add_argument(
-        "-s", "--structure", action="append", required=True, metavar="NAME",
+        "inputs", nargs="+", type=Path, metavar="INPUT",
+        help="CT file, DICOM folder, folder of cases (searched recursively), quoted glob, or "
+             "manifest .csv/.tsv with columns input[,output][,structures][,series_uid]",
+    )
+    p.add_argument(
+        "-s", "--structure", action="append", metavar="NAME",
         help="structure to segment (repeatable; also 'liver, spleen'); see 'cdpdnet structures'",
     )
     p.add_argument(
         "-o", "--output", type=Path, required=True,
-        help="output label map file (one input) or folder (any number of inputs)",
+        help="output label map file (one input) or folder (any number of inputs; mirrors folder inputs)",
     )
     p.add_argument("--format", default=".nii.gz", choices=_LABEL_SUFFIXES,
                    help="label map format when OUTPUT is a folder (default .nii.gz)")
@@ -75,8 +86,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", type=int, choices=range(len(TASKS)), metavar="ID",
                    help=f"force one task prompt (0..{len(TASKS) - 1}) instead of the automatic plan")
     add_export_options(p)
+    add_clip_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="resume: skip cases whose outputs are complete, do the rest")
+    p.add_argument("--shard", metavar="K/N",
+                   help="do part K of N of the cohort (independent jobs; default from a Slurm job "
+                        "array, SLURM_ARRAY_TASK_ID/COUNT)")
+    p.add_argument("--workers", type=int, default=2, metavar="N",
+                   help="processes reading and preprocessing the next cases (default 2; 0: none)")
+    p.add_argument("--report", type=Path, metavar="DIR",
+                   help="folder for run.json and run.csv (default: the output folder, when there "
+                        "is more than one case)")
     p.set_defaults(func=run)
 
 
@@ -91,13 +113,6 @@ def chosen_formats(args: argparse.Namespace) -> list[str]:
     return [fmt.name for fmt in optional_formats() if getattr(args, fmt.name, False)]
 
 
-def check_dicom_source(path: Path, geometry: Geometry, formats: list[str]) -> None:
-    """Refuse, before segmenting, a format that needs a DICOM source for a CT read from a file."""
-    needs = [FORMATS[name] for name in formats if FORMATS[name].needs_dicom]
-    if needs and geometry.dicom is None:
-        raise InputError(f"{path}: {needs[0].flag} needs a DICOM series as input")
-
-
 def check_outputs(outputs: list[Path], keys: list[str], formats: list[str], overwrite: bool) -> None:
     """Refuse existing outputs before any compute (per-structure files: every requested key)."""
     from napari_cdpdnet.export import export_paths
@@ -106,32 +121,6 @@ def check_outputs(outputs: list[Path], keys: list[str], formats: list[str], over
     for out in outputs:
         for path in export_paths(out, keys, formats=formats):
             check_writable(path, overwrite=overwrite)
-
-
-def _outputs_for(args: argparse.Namespace) -> list[Path]:
-    """Label map path for every input; checks the output rules before any work."""
-    from napari_cdpdnet.fileutil import full_suffix
-
-    out: Path = args.output
-    is_file = full_suffix(out) in _LABEL_SUFFIXES
-    if is_file:
-        if len(args.inputs) > 1:
-            raise InputError(
-                f"{len(args.inputs)} inputs but -o {out} is a single file: give a folder instead"
-            )
-        return [out]
-    if out.exists() and not out.is_dir():
-        raise InputError(f"-o {out}: exists and is not a folder; give a folder or a label map file ({', '.join(_LABEL_SUFFIXES)})")
-    names: dict[str, Path] = {}
-    paths = []
-    for inp in args.inputs:
-        suffix = full_suffix(inp)
-        stem = inp.name[: -len(suffix)] if suffix and not inp.is_dir() else inp.name
-        if stem in names:
-            raise InputError(f"inputs {names[stem]} and {inp} would both write {stem}{args.format}; rename one")
-        names[stem] = inp
-        paths.append(out / f"{stem}{args.format}")
-    return paths
 
 
 class _ProgressBar:
@@ -160,69 +149,45 @@ class _ProgressBar:
 
 
 def run(args: argparse.Namespace) -> int:
+    from napari_cdpdnet.cohort.inputs import is_manifest, is_pattern
+    from napari_cdpdnet.cohort.plan import CohortJob
+    from napari_cdpdnet.cohort.runner import run_cohort
     from napari_cdpdnet.inference.segmenter import Segmenter
     from napari_cdpdnet.inference.settings import SegmentationSettings
     from napari_cdpdnet.io.images import check_input_path
 
     # Everything that can be checked without compute is checked first.
     for inp in args.inputs:
-        check_input_path(inp)
-    outputs = _outputs_for(args)
+        if is_manifest(str(inp)):
+            if not inp.is_file():
+                raise InputError(f"manifest {inp}: no such file")
+        elif not is_pattern(str(inp)):
+            check_input_path(inp)
+    if args.workers < 0:
+        raise InputError(f"--workers {args.workers}: must be 0 or more")
+    if not args.structure and not any(is_manifest(str(inp)) for inp in args.inputs):
+        raise InputError("name at least one structure with -s, e.g. -s liver (or give a manifest "
+                         "with a 'structures' column)")
     formats = chosen_formats(args)
-    check_outputs(outputs, [], formats, args.overwrite)
     box = None if args.box is None else (tuple(args.box[:3]), tuple(args.box[3:]))
     settings = SegmentationSettings(
         preset=args.preset, device=args.device, threads=args.threads, autocast=args.autocast,
         compile=args.compile, box=box, return_probabilities=any(FORMATS[name].needs_probabilities for name in formats),
     )
-    segmenter = Segmenter(checkpoint=args.checkpoint, dino=args.dino, allow_download=not args.offline)
-    structures, resolutions, plan = segmenter.plan(args.structure, force_task=args.task)
-    for r in resolutions:
-        if r.method != "exact":
-            print(f"'{r.text}' → {r.structure.name} ({r.method}, confidence {r.confidence:.2f})", file=sys.stderr)
-    print(plan.describe(), file=sys.stderr)
-    check_outputs(outputs, [s.key for s in structures], formats, args.overwrite)
+    segmenter = Segmenter(checkpoint=args.checkpoint, dino=args.dino, allow_download=not args.offline,
+                          **clip_settings(args))
+    if args.structure:
+        structures, resolutions, plan = segmenter.plan(args.structure, force_task=args.task)
+        print_understanding(resolutions, plan)
+    job = CohortJob(
+        inputs=tuple(str(i) for i in args.inputs), output=args.output,
+        request=tuple(args.structure) if args.structure else None, settings=settings,
+        formats=tuple(formats), label_suffix=args.format, series_uid=args.series_uid,
+        force_task=args.task, skip_existing=args.skip_existing, overwrite=args.overwrite,
+        shard=args.shard, workers=args.workers, report=args.report, progress=not args.no_progress,
+        command=tuple(sys.argv), clip_scorer=segmenter.text_scorer,
+        clip_thresholds=segmenter.clip_thresholds,
+    )
     segmenter.weights()  # missing weights: one message now, not one per input
-
-    failures: list[tuple[Path, CdpdnetError]] = []
-    for inp, out in zip(args.inputs, outputs, strict=True):
-        try:
-            _segment_one(segmenter, inp, out, structures, settings, formats, args)
-        except CdpdnetError as exc:
-            if len(args.inputs) == 1 or exc.exit_code == 130:
-                raise
-            print(f"cdpdnet segment: {inp}: {exc}", file=sys.stderr)
-            failures.append((inp, exc))
-    if failures:
-        print(f"{len(failures)} of {len(args.inputs)} inputs failed", file=sys.stderr)
-        return failures[0][1].exit_code
-    return 0
-
-
-def _segment_one(segmenter, inp: Path, out: Path, structures, settings, formats: list[str], args) -> None:
-    from napari_cdpdnet.export import export_segmentation
-    from napari_cdpdnet.io.images import read_ct
-
-    t0 = time.perf_counter()
-    ct = read_ct(inp, series_uid=args.series_uid)
-    for w in ct.warnings:
-        print(f"warning: {inp}: {w}", file=sys.stderr)
-    check_dicom_source(inp, ct.geometry, formats)
-    bar = _ProgressBar(not args.no_progress, inp.name)
-    try:
-        output = segmenter.segment(ct.array, ct.geometry, structures, settings, progress=bar, force_task=args.task)
-    finally:
-        bar.close()
-    written = export_segmentation(
-        output.labels, ct.geometry, ct.array, out, formats=formats, rows=output.table,
-        probabilities=output.result.probabilities, overwrite=args.overwrite,
-    )
-    for note in output.notes:
-        print(f"note: {inp}: {note}", file=sys.stderr)
-    r = output.result
-    print(
-        f"{inp} → {out}: {', '.join(f'{row.name} {row.volume_ml:.1f} mL' for row in output.table)} "
-        f"({r.windows} windows, {time.perf_counter() - t0:.1f} s on {r.device})"
-    )
-    for w in written[1:]:
-        print(f"  also wrote {w}")
+    outcome = run_cohort(segmenter, job, lambda name: _ProgressBar(not args.no_progress, name))
+    return outcome.exit_code

@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from napari_cdpdnet.commands._clip import add_clip_options, clip_settings, print_understanding
 from napari_cdpdnet.commands.segment import add_export_options
 from napari_cdpdnet.errors import InputError
 from napari_cdpdnet.inference.settings import DEFAULT_PRESET, PRESETS, preset_help
@@ -25,7 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
             "keeping only the connected components the ROI touches. Without --mapper the "
             "structure whose probability dominates inside the ROI wins (needs only the official "
             "checkpoint); with a mapper trained by 'cdpdnet train-roi-prompts' the learned ROI "
-            "prompt decides. Prints the method and the top 3 with confidences."
+            "prompt decides. Prints the method and the top 3 with confidences. With -s, you say "
+            "what the ROI marks instead ('the big organ under the right ribs'): the name is "
+            "resolved like 'cdpdnet segment -s' (lexicon, then CLIP) and that structure is kept "
+            "where the ROI touches it."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
@@ -34,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "  cdpdnet segment-by-example ct.nii.gz --click 60 -150 250 -o kidney.nii.gz\n"
             "  cdpdnet segment-by-example ct.nii.gz --voxel --box 30 40 60 50 60 80 -o out.nii.gz\n"
             "  cdpdnet segment-by-example ct.nii.gz --scribble marks.nii.gz -o out.nii.gz\n"
+            "  cdpdnet segment-by-example ct.nii.gz --click 60 -150 250 -s 'bean shaped organ on the left' -o k.nii.gz\n"
         ),
     )
     p.add_argument("input", type=Path, metavar="INPUT", help="CT file or DICOM folder")
@@ -46,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--voxel", action="store_true",
                    help="--box/--click are voxel indices (x y z) instead of LPS mm")
     p.add_argument("-o", "--output", type=Path, required=True, help="output label map file")
+    p.add_argument("-s", "--structure", metavar="NAME",
+                   help="what the ROI marks, in words (one structure): segment it instead of the "
+                        "ranking's best")
     p.add_argument("--mapper", type=Path, help="learned ROI prompt mapper (cdpdnet train-roi-prompts)")
     p.add_argument("--context", type=float, default=None, metavar="MM",
                    help="context around the ROI for the ranking run (default 72 mm)")
@@ -57,6 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--offline", action="store_true", help="never download weights")
     p.add_argument("--series-uid", help="DICOM folder with several series: the SeriesInstanceUID to use")
     add_export_options(p, probabilities=False)
+    add_clip_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -87,12 +96,12 @@ def _roi(args: argparse.Namespace, ct) -> object:
 def run(args: argparse.Namespace) -> int:
     from napari_cdpdnet.commands.segment import (
         _ProgressBar,
-        check_dicom_source,
         check_outputs,
         chosen_formats,
     )
     from napari_cdpdnet.example.run import DEFAULT_CONTEXT_MM, segment_by_example
     from napari_cdpdnet.export import export_segmentation
+    from napari_cdpdnet.export.formats import check_dicom_source
     from napari_cdpdnet.export.labeltable import build_label_table
     from napari_cdpdnet.fileutil import full_suffix
     from napari_cdpdnet.inference.segmenter import Segmenter
@@ -105,6 +114,16 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"-o {args.output}: give a label map file ({', '.join(LABEL_MAP_SUFFIXES)})")
     formats = chosen_formats(args)
     check_outputs([args.output], [], formats, args.overwrite)  # per-structure files: once it is known
+    segmenter = Segmenter(checkpoint=args.checkpoint, dino=args.dino, allow_download=not args.offline,
+                          **clip_settings(args))
+    named = None
+    if args.structure is not None:  # the words are checked before the CT is even read
+        named_structures, resolutions, plan = segmenter.plan(args.structure)
+        if len(named_structures) != 1:
+            raise InputError(f"-s {args.structure!r} names {len(named_structures)} structures "
+                             f"({', '.join(s.name for s in named_structures)}): name the one the ROI marks")
+        print_understanding(resolutions, plan)
+        named = named_structures[0]
     mapper = None
     if args.mapper is not None:
         from napari_cdpdnet.example.mapper import RoiMapper
@@ -117,19 +136,21 @@ def run(args: argparse.Namespace) -> int:
     roi = _roi(args, ct)
     print(f"ROI: {roi.describe()}", file=sys.stderr)
     settings = SegmentationSettings(preset=args.preset, device=args.device, threads=args.threads)
-    segmenter = Segmenter(checkpoint=args.checkpoint, dino=args.dino, allow_download=not args.offline)
     bar = _ProgressBar(not args.no_progress, args.input.name)
     try:
         res = segment_by_example(
             segmenter, ct.array, ct.geometry, roi, settings,
             context_mm=DEFAULT_CONTEXT_MM if args.context is None else args.context,
-            mapper=mapper, progress=bar)
+            mapper=mapper, choose=named, progress=bar)
     finally:
         bar.close()
     print(f"ROI prompt: {res.prompt}")
     print(f"method: {res.ranking.method}")
     for rank, c in enumerate(res.ranking.top(3), start=1):
         print(f"  {rank}. {c.structure.name} ({c.structure.key}): confidence {c.confidence:.3f}")
+    if named is not None:
+        agree = "agrees" if res.ranking.best.structure == named else f"ranked {res.ranking.best.structure.name} first"
+        print(f"segmented {named.name} as named (-s); the ROI ranking {agree}")
     for note in res.notes:
         print(f"note: {note}", file=sys.stderr)
     s = res.structure

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from napari_cdpdnet.commands._clip import add_clip_options, clip_settings
 from napari_cdpdnet.vocabulary.catalog import (
     FIXED_CONDITIONING_NOTE,
     STRUCTURES,
@@ -19,8 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="list the 32 structures CDPDNet segments (and resolve typed names)",
         description=(
             "List the 32 structures in output-channel order with names, synonyms, colours and "
-            "SNOMED-CT codes, or check what typed names resolve to and which task passes they "
-            "need. " + FIXED_CONDITIONING_NOTE
+            "SNOMED-CT codes, or check how typed names are understood (--resolve): each name's "
+            "source (name, synonym, abbreviation, part, language, typo or CLIP, with CLIP's cosine "
+            "and margin over the runner-up), the alternatives, and the task prompt sentence each "
+            "pass runs. Wording the lexicon does not know is matched by CLIP ViT-B/32, which only "
+            "chooses among the 32 structures. " + FIXED_CONDITIONING_NOTE
         ),
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -30,11 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--resolve",
         metavar="TEXT",
-        help='resolve free text, e.g. "IVC, kidney left and liver lesion", and show the plan',
+        help='resolve free text, e.g. "IVC, kidney left and liver lesion": how each name was '
+        "understood, and the plan with its task prompts",
     )
-    p.add_argument(
-        "--clip", action="store_true", help="with --resolve: also use CLIP (needs its weights)"
-    )
+    p.add_argument("--offline", action="store_true", help="with --resolve: never download CLIP's weights")
+    add_clip_options(p, bare_flag_means_on=True)
     p.set_defaults(func=run)
 
 
@@ -50,6 +54,7 @@ def _structure_dict(s: Structure) -> dict:
         "group": s.group,
         "color": list(s.color),
         "synonyms": list(s.synonyms),
+        "other_languages": [{"language": code, "phrase": phrase} for code, phrase in s.other_languages],
         "abbreviations": list(s.abbreviations),
         "part_terms": list(s.part_terms),
         "snomed": {
@@ -96,16 +101,10 @@ def _print_tasks() -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.resolve is not None:
-        from napari_cdpdnet.vocabulary.catalog import plan_passes
-        from napari_cdpdnet.vocabulary.resolver import resolve_many
+        from napari_cdpdnet.inference.segmenter import Segmenter
 
-        scorer = None
-        if args.clip:
-            from napari_cdpdnet.model.text import ClipScorer
-
-            scorer = ClipScorer(allow_download=False)
-        found = resolve_many(args.resolve, clip_scorer=scorer)
-        plan = plan_passes([r.structure for r in found])
+        settings = clip_settings(args)
+        _, found, plan = Segmenter(allow_download=not args.offline, **settings).plan(args.resolve)
         if args.json:
             print(
                 json.dumps(
@@ -117,6 +116,13 @@ def run(args: argparse.Namespace) -> int:
                                 "name": r.structure.name,
                                 "confidence": r.confidence,
                                 "method": r.method,
+                                "source": r.source,
+                                "language": r.language or None,
+                                "cosine": r.cosine,
+                                "margin": r.margin,
+                                "alternatives": [
+                                    {"key": s.key, "score": round(score, 4)} for s, score in r.alternatives
+                                ],
                                 "reason": r.reason,
                             }
                             for r in found
@@ -125,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
                             {
                                 "task": p.task.id,
                                 "task_name": p.task.name,
+                                "task_prompt": p.task.prompt,
                                 "structures": [s.key for s in p.structures],
                             }
                             for p in plan
@@ -135,12 +142,9 @@ def run(args: argparse.Namespace) -> int:
                 )
             )
             return 0
-        for r in found:
-            print(
-                f"{r.text!r:<28} -> {r.structure.name:<28} {r.method:<8} {r.confidence:.2f}  {r.reason}"
-            )
-        print()
-        print(plan.describe())
+        from napari_cdpdnet.vocabulary.explain import understanding_lines
+
+        print("\n".join(understanding_lines(found, plan, reasons=True)))
         return 0
     if args.json:
         payload = {

@@ -130,7 +130,7 @@ def run_verify(args: argparse.Namespace) -> int:
 def run_info(args: argparse.Namespace) -> int:
     env = w.env_weights_dir()
     print("Weights are looked for in this order:")
-    print("  1. an explicit path (--checkpoint / --dino / --clip)")
+    print("  1. an explicit path (--checkpoint / --dino / --clip-weights)")
     print(f"  2. ${w.ENV_WEIGHTS_DIR}: {env if env else '(not set)'}")
     print(f"  3. the cache: {w.weights_cache_dir()}  (${w.ENV_CACHE_DIR} moves it)")
     print("  4. the Hugging Face cache")

@@ -5,6 +5,7 @@ for the CLI and the GUI alike: label map + label table, plus the optional format
 :data:`FORMATS` (:mod:`.formats`: DICOM-SEG read back and checked, STL meshes, probability
 maps). The work of each format lives beside it: the label table (:mod:`.labeltable`),
 measurements (:mod:`.measure`), DICOM-SEG (:mod:`.dicomseg`) and meshes (:mod:`.meshes`).
+:mod:`.recovery` keeps autosaved copies of edited label maps until they are exported.
 No torch, no napari.
 """
 

@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from napari_cdpdnet.export.labeltable import LabelRow
 
 __all__ = [
+    "dicom_seg_problem",
     "TISSUE",
     "SegmentSpec",
     "ReadSegment",
@@ -125,10 +126,62 @@ def _code(c: Code3):
     return Code(value=c[0], scheme_designator=c[1], meaning=c[2])
 
 
+def dicom_seg_problem(geometry: Geometry) -> str | None:
+    """Why no valid DICOM-SEG can be made for labels on ``geometry`` (None: it can).
+
+    A DICOM-SEG references its source by UIDs: the study, the series, the frame of reference
+    and every source image (SOP Instance UID). De-identification tools that blank them leave
+    nothing to reference; a SEG written anyway would be invalid and could never be matched to
+    its CT in a PACS or viewer, so the export is refused and NIfTI/NRRD are offered instead.
+    """
+    ref = geometry.dicom
+    if ref is None:
+        return "the image was not read from a DICOM series"
+    blank = [name for name, value in (("StudyInstanceUID", ref.study_instance_uid),
+                                      ("SeriesInstanceUID", ref.series_instance_uid),
+                                      ("FrameOfReferenceUID", ref.frame_of_reference_uid)) if not value]
+    n_blank = sum(1 for uid in ref.sop_instance_uids if not uid)
+    if n_blank:
+        blank.append(f"SOPInstanceUID of {n_blank} of its {len(ref.sop_instance_uids)} images")
+    if blank:
+        return (
+            f"the source series has blank {', '.join(blank)} (de-identified without new UIDs), and a "
+            "DICOM-SEG must reference its study, series, frame of reference and every source image "
+            "by these UIDs; one written without them would be invalid and could not be matched to "
+            "the CT in a PACS or viewer"
+        )
+    owners: dict[str, str] = {}
+    for uid, f in zip(ref.sop_instance_uids, ref.files, strict=False):
+        if owners.setdefault(uid, f) != f:
+            return (
+                f"two source files carry the same SOPInstanceUID {uid} ({Path(owners[uid]).name}, "
+                f"{Path(f).name}), so a DICOM-SEG could not say which image each frame belongs to"
+            )
+    return None
+
+
+def require_dicom_seg_source(geometry: Geometry) -> None:
+    """Raise :class:`InputError` saying why no DICOM-SEG can be written, and what to export instead."""
+    problem = dicom_seg_problem(geometry)
+    if problem is None:
+        return
+    if geometry.dicom is None:
+        raise InputError(
+            "DICOM-SEG needs the source DICOM series, and these labels belong to an image that was "
+            "not read from DICOM. Export NIfTI/NRRD instead, or open the DICOM series and draw or "
+            "segment on that."
+        )
+    raise InputError(
+        f"DICOM-SEG cannot be written: {problem}. Export the label map as NIfTI or NRRD (with its "
+        "table) instead: it holds the same result on the CT's grid."
+    )
+
+
 def _source_datasets(geometry: Geometry) -> list:
     import pydicom
 
     ref = geometry.dicom
+    require_dicom_seg_source(geometry)
     if ref is None:
         raise InputError(
             "DICOM-SEG needs the source DICOM series: this label map's image was not read from "
@@ -140,7 +193,7 @@ def _source_datasets(geometry: Geometry) -> list:
             f"DICOM-SEG needs the source series files, but {len(missing)} of {len(ref.files)} are "
             f"gone (first: {missing[0]}). Keep the DICOM folder where it was read from."
         )
-    return [pydicom.dcmread(f, stop_before_pixels=True) for f in ref.files]
+    return [pydicom.dcmread(f, stop_before_pixels=True) for f in dict.fromkeys(ref.files)]
 
 
 def write_dicom_seg(

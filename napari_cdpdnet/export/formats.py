@@ -30,7 +30,10 @@ from napari_cdpdnet.geometry import Geometry
 if TYPE_CHECKING:  # pragma: no cover
     from napari_cdpdnet.export.labeltable import LabelRow
 
-__all__ = ["ExportJob", "ExportFormat", "FORMATS", "optional_formats", "resolve_formats", "split_name"]
+__all__ = [
+    "ExportJob", "ExportFormat", "FORMATS", "check_dicom_source", "optional_formats", "resolve_formats",
+    "split_name",
+]
 
 
 @dataclass(frozen=True)
@@ -207,3 +210,27 @@ def resolve_formats(names: Iterable[str]) -> list[ExportFormat]:
             f"{', '.join(f.name for f in optional_formats())}"
         )
     return [f for f in FORMATS.values() if f.required or f.name in wanted]
+
+
+def check_dicom_source(path: str | Path, geometry: Geometry, formats: Iterable[str]) -> None:
+    """Refuse, before segmenting, a format that needs a DICOM source the CT cannot give.
+
+    Shared by ``cdpdnet segment`` (one case or a cohort's loader) and ``segment-by-example`` so
+    the refusal reads the same everywhere and comes before any compute.
+
+    Raises:
+        InputError: the CT was read from a file, or its series has blank UIDs (de-identified).
+    """
+    needs = [FORMATS[name] for name in formats if FORMATS[name].needs_dicom]
+    if needs and geometry.dicom is None:
+        raise InputError(f"{path}: {needs[0].flag} needs a DICOM series as input")
+    if needs:  # blank UIDs (de-identified): say so before segmenting, not after
+        from napari_cdpdnet.export.dicomseg import dicom_seg_problem
+
+        problem = dicom_seg_problem(geometry)
+        if problem:
+            raise InputError(
+                f"{path}: {needs[0].flag} cannot be written for this series: {problem}. Run again "
+                "without it: the label map (NIfTI, or NRRD with --format .nrrd) and its table hold "
+                "the same result"
+            )

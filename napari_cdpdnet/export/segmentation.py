@@ -177,14 +177,19 @@ class _Staging:
         self.targets[staged] = final
         return staged
 
-    def publish(self, overwrite: bool) -> None:
-        """Move every staged file (and companions such as an .mhd's .zraw) onto its name."""
+    def publish(self, overwrite: bool, last: Path | None = None) -> None:
+        """Move every staged file (and companions such as an .mhd's .zraw) onto its name.
+
+        ``last`` (the label table) is moved after all others: where it exists, so does every
+        file of the set (``cdpdnet segment --skip-existing`` relies on it after a crash).
+        """
         from napari_cdpdnet.errors import OutputExistsError
         from napari_cdpdnet.fileutil import _publish
 
         final_folder = next(iter(self.targets.values())).parent
         moves = [(p, self.targets.get(p, final_folder / p.name)) for p in sorted(self.dir.iterdir())]
         moves = [(src, dst) for src, dst in moves if not src.name.startswith(".")]
+        moves.sort(key=lambda move: move[1] == last)
         backups: list[tuple[Path, Path]] = []
         done: list[Path] = []
         try:
@@ -222,12 +227,10 @@ def _staging(folder: Path) -> Iterator[_Staging]:
 
 
 def _need_dicom(geometry: Geometry) -> None:
-    if geometry.dicom is None:
-        raise InputError(
-            "DICOM-SEG needs the source DICOM series, and these labels belong to an image that was "
-            "not read from DICOM. Export NIfTI/NRRD instead, or open the DICOM series and draw or "
-            "segment on that."
-        )
+    """Refuse a DICOM-SEG whose source cannot be referenced (no DICOM, or blank UIDs)."""
+    from napari_cdpdnet.export.dicomseg import require_dicom_seg_source
+
+    require_dicom_seg_source(geometry)
 
 
 def export_segmentation(
@@ -299,7 +302,7 @@ def export_segmentation(
     with _staging(out.parent) as stage:
         for fmt, path, row in targets:
             fmt.write(job, stage.path(path), row)
-        stage.publish(overwrite)
+        stage.publish(overwrite, last=FORMATS["table"].paths(out)[0])
     logger.info("exported %s (%d files)", out, len(targets))
     return [path for _, path, _ in targets]
 

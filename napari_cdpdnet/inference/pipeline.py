@@ -72,6 +72,8 @@ __all__ = [
     "SegmentationSettings",
     "SegmentationResult",
     "ProgressEvent",
+    "PreparedImage",
+    "prepare_image",
     "resolve_device",
     "segment_array",
 ]
@@ -129,6 +131,55 @@ class SegmentationResult:
     windows_total: int
     device: str
     settings: SegmentationSettings
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedImage:
+    """The CPU stage of :func:`segment_array` done ahead of time: preprocessing and window plan.
+
+    Plain numpy and dataclasses, so it pickles: a ``torch.utils.data.DataLoader`` worker makes the
+    next case's while the device runs the current one (``cdpdnet segment`` on a cohort), and
+    :func:`segment_array` takes it as ``prepared=``.
+
+    Attributes:
+        pre: the CT in the model's space.
+        plan: the windows to run.
+        box: the ROI in model space, or None.
+        seconds: time the preparation took.
+        windowing: ``(overlap, skip_air, box)`` it was made for (checked against the settings).
+    """
+
+    pre: Preprocessed
+    plan: WindowPlan
+    box: IndexBox | None
+    seconds: float
+    windowing: tuple[float, bool, Any]
+
+    def check(self, geometry: Geometry, settings: SegmentationSettings) -> None:
+        """Refuse to run it with a grid or window settings it was not made for."""
+        if not self.pre.source.same_grid(geometry):
+            raise InputError("the prepared image was made for another grid than this CT's")
+        if self.windowing != _windowing(settings):
+            raise InputError(
+                f"the prepared image was made for overlap/skip-air/box {self.windowing}, not "
+                f"{_windowing(settings)}: prepare it again with these settings")
+
+
+def _windowing(settings: SegmentationSettings) -> tuple[float, bool, Any]:
+    return (settings.effective_overlap, settings.effective_skip_air, settings.box)
+
+
+def prepare_image(
+    array: np.ndarray, geometry: Geometry, settings: SegmentationSettings | None = None
+) -> PreparedImage:
+    """Preprocess a CT and plan its windows: the CPU-only part of :func:`segment_array`."""
+    settings = settings or SegmentationSettings()
+    t0 = time.perf_counter()
+    pre = preprocess(array, geometry)
+    box = box_to_preprocessed(settings.box, pre) if settings.box is not None else None
+    plan = plan_windows(pre.shape, overlap=settings.effective_overlap, box=box,
+                        image=pre.image, skip_air=settings.effective_skip_air)
+    return PreparedImage(pre, plan, box, time.perf_counter() - t0, _windowing(settings))
 
 
 @contextlib.contextmanager
@@ -192,6 +243,7 @@ def segment_array(
     num_tasks: int | None = None,
     progress: Callable[[ProgressEvent], Any] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    prepared: PreparedImage | None = None,
 ) -> SegmentationResult:
     """Segment a CT array and return one label map on its own grid.
 
@@ -210,6 +262,7 @@ def segment_array(
             None leaves the check to the predictor (the CDPDNet model checks it).
         progress: receives :class:`ProgressEvent` s.
         should_stop: polled between stages and before every window batch.
+        prepared: this array's :func:`prepare_image`, made ahead (then not recomputed).
 
     Raises:
         Cancelled: ``should_stop()`` returned True (nothing is returned or written).
@@ -230,11 +283,12 @@ def segment_array(
     with _torch_threads(settings.threads):
         run.check("before it started")
         t0 = run.emit("preprocess", 0, 1, "Resampling to 1.5 mm and windowing")
-        pre = preprocess(array, geometry)
-        box = box_to_preprocessed(settings.box, pre) if settings.box is not None else None
-        plan = plan_windows(pre.shape, overlap=settings.effective_overlap, box=box,
-                            image=pre.image, skip_air=settings.effective_skip_air)
-        run.timings["preprocess"] = time.perf_counter() - t0
+        if prepared is None:
+            prepared = prepare_image(array, geometry, settings)
+        else:
+            prepared.check(geometry, settings)
+        pre, box, plan = prepared.pre, prepared.box, prepared.plan
+        run.timings["preprocess"] = prepared.seconds
         run.emit("preprocess", 1, 1, f"Model grid {pre.shape}, {plan.count} windows per pass", t0)
         run.check("after preprocessing")
 

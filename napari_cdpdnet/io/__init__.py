@@ -1,8 +1,10 @@
 """Stage 1, input/output: CT volumes and label maps in and out with their patient geometry.
 
-Owns reading (NIfTI, NRRD, MHA/MHD: :mod:`.images`; DICOM series: :mod:`.dicom_scan` finds and
-groups the files, :mod:`.dicom_series` builds the volume) and writing label maps and images on a
-scan's own grid (:mod:`.writing`). No torch, no napari; imports only the base floor
+Owns reading (NIfTI, NRRD, MHA/MHD: :mod:`.images`, with :mod:`.volume_checks`; DICOM series:
+:mod:`.dicom_scan` finds the files and chooses a series, :mod:`.dicom_grouping` groups them,
+:mod:`.dicom_kinds` names what they are, :mod:`.dicom_frames` decodes frames, :mod:`.dicom_series`
+builds the volume; docs/dicom.md) and writing label maps and images on a scan's own grid
+(:mod:`.writing`). No torch, no napari; imports only the base floor
 (:mod:`napari_cdpdnet.errors`, :mod:`~napari_cdpdnet.geometry`, :mod:`~napari_cdpdnet.fileutil`).
 The names below are the public API.
 """

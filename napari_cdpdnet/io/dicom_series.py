@@ -1,8 +1,9 @@
 """CT volumes from a DICOM series: order its slices, get the geometry right, decode the pixels.
 
-Headers are inspected with pydicom (no pixel data is read); pixels are decoded per file by
-SimpleITK/GDCM, which handles the compressed transfer syntaxes (JPEG, JPEG-LS, JPEG 2000, RLE)
-and applies rescale slope/intercept. The geometry is computed here from ImagePositionPatient and
+Headers are inspected with pydicom (no pixel data is read); each image becomes a
+:class:`~napari_cdpdnet.io.dicom_frames.Frame` (a classic single-frame file, or one frame of an
+enhanced multi-frame file), whose pixels :mod:`~napari_cdpdnet.io.dicom_frames` decodes with
+SimpleITK/GDCM or pydicom. The geometry is computed here from ImagePositionPatient and
 ImageOrientationPatient instead of being taken from ITK's series reader, because that reader
 averages uneven slice gaps and ignores gantry tilt without telling anyone. Here both are detected,
 reported as warnings, and corrected by interpolation so that every voxel sits where the scanner
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,17 +27,17 @@ import numpy as np
 
 from napari_cdpdnet.errors import InputError
 from napari_cdpdnet.geometry import DicomReference, Geometry
+from napari_cdpdnet.io.dicom_frames import Frame, decode_frames, frames_of
+from napari_cdpdnet.io.dicom_frames import sitk_reason as _sitk_reason
 from napari_cdpdnet.io.dicom_scan import (
     CT_MODALITIES,
     DicomSeriesInfo,
     folder_has_dicom,
-    frame_count,
     is_dicom_file,
-    is_image_header,
+    iter_image_headers,
     list_dicom_series,
     select_series,
     series_of_file,
-    tag_int,
     tag_str,
 )
 
@@ -53,6 +53,7 @@ __all__ = [
     "CT_MODALITIES",
     "MIN_SPACING_MM",
     "MAX_SPACING_MM",
+    "_sitk_reason",
 ]
 
 logger = logging.getLogger(__name__)
@@ -83,10 +84,17 @@ class DicomVolume:
 # ---------------------------------------------------------------------------------- geometry
 @dataclass
 class _Slice:
-    path: Path
-    ds: Any
+    frame: Frame
     position: np.ndarray  # ImagePositionPatient (LPS mm)
     along: float  # position along the slice normal
+
+    @property
+    def path(self) -> Path:
+        return self.frame.path
+
+    @property
+    def ds(self) -> Any:
+        return self.frame.ds
 
 
 @dataclass
@@ -107,14 +115,14 @@ class _Plan:
     info: dict[str, Any]
 
 
-def _orientation(ds: Any, path: Path) -> tuple[np.ndarray, np.ndarray]:
-    iop = ds.get("ImageOrientationPatient")
-    if iop is None or len(iop) != 6:
+def _orientation(frame: Frame) -> tuple[np.ndarray, np.ndarray]:
+    iop, path = frame.orientation, frame.label
+    if iop is None:
         raise InputError(
-            f"{path}: no ImageOrientationPatient; without it the slice geometry is unknown "
+            f"{frame.path}: no ImageOrientationPatient; without it the slice geometry is unknown "
             "(secondary captures and screenshots cannot be segmented)"
         )
-    v = np.asarray([float(x) for x in iop])
+    v = np.asarray(iop, float)
     r, c = v[:3], v[3:]
     if not (np.isfinite(v).all() and np.linalg.norm(r) > 0.5 and np.linalg.norm(c) > 0.5):
         raise InputError(f"{path}: ImageOrientationPatient {list(v)} is not a valid orientation")
@@ -134,82 +142,91 @@ def _check_spacing(values: Sequence[float], where: str) -> None:
             )
 
 
+def _series_frames(series: DicomSeriesInfo) -> list[Frame]:
+    """Every image frame of the series, each SOP instance (and frame) once."""
+    frames: list[Frame] = []
+    seen: dict[tuple[str, int | None], Path] = {}
+    for p, ds in iter_image_headers(series):
+        if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+            raise InputError(f"{p}: colour (multi-component) pixels; a CT image is greyscale")
+        for f in frames_of(p, ds):
+            key = (f.sop_instance_uid, f.number)
+            if f.sop_instance_uid and key in seen and seen[key] != p:
+                logger.info("%s duplicates %s (same SOPInstanceUID), ignored", p, seen[key])
+                continue
+            seen[key] = p
+            frames.append(f)
+    return frames
+
+
 def _plan(series: DicomSeriesInfo) -> _Plan:
     """Decide slice order, grid and corrections from the headers alone."""
     warnings: list[str] = []
     info: dict[str, Any] = {}
-    items = [(p, ds) for p, ds in zip(series.files, series._headers, strict=True) if is_image_header(ds)]
-    multi = [p for p, ds in items if frame_count(ds) > 1]
-    if multi:
+    frames = _series_frames(series)
+    multi = [f for f in frames if f.number is not None]
+    if multi and any(f.position is None for f in multi):
         raise InputError(
-            f"{multi[0]}: multi-frame (enhanced) DICOM is not supported yet; convert the series "
-            "to NIfTI (e.g. with dcm2niix) or export it as classic single-frame images"
+            f"{multi[0].path}: a multi-frame {tag_str(multi[0].ds, 'Modality') or 'DICOM'} image "
+            "without per-frame positions (PlanePositionSequence); its frames cannot be placed in "
+            "the patient, so it is no volume to segment"
         )
-    # Drop copies of the same instance (the same file present twice).
-    seen: dict[str, Path] = {}
-    unique = []
-    for p, ds in items:
-        sop = tag_str(ds, "SOPInstanceUID")
-        if sop and sop in seen:
-            logger.info("%s duplicates %s (same SOPInstanceUID), ignored", p, seen[sop])
-            continue
-        seen[sop] = p
-        unique.append((p, ds))
+    if multi:
+        info["multi_frame"] = True
 
     # Localizers and other orientations can share a series with the axial stack.
-    def key(ds: Any) -> tuple:
-        iop = ds.get("ImageOrientationPatient") or ()
-        ps = ds.get("PixelSpacing") or ()
+    def key(f: Frame) -> tuple:
         return (
-            tuple(round(float(x), 3) for x in iop),
-            tag_int(ds, "Rows"),
-            tag_int(ds, "Columns"),
-            tuple(round(float(x), 4) for x in ps),
+            tuple(round(x, 3) for x in f.orientation or ()),
+            f.rows,
+            f.columns,
+            tuple(round(x, 4) for x in f.pixel_spacing or ()),
         )
 
-    groups: dict[tuple, list[tuple[Path, Any]]] = defaultdict(list)
-    for p, ds in unique:
-        groups[key(ds)].append((p, ds))
+    groups: dict[tuple, list[Frame]] = defaultdict(list)
+    for f in frames:
+        groups[key(f)].append(f)
     main = max(groups.values(), key=len)
     if len(groups) > 1:
-        dropped = len(unique) - len(main)
+        dropped = len(frames) - len(main)
         warnings.append(
             f"series {series.uid}: {dropped} image(s) with another orientation or size (e.g. "
             f"localizers) were left out; the volume uses the {len(main)} matching slices"
         )
-    first_path, first = main[0]
+    first = main[0]
     if len(main) < 2:
         raise InputError(
-            f"{first_path}: 2-D image: series {series.uid} has a single slice; a CT volume needs "
+            f"{first.path}: 2-D image: series {series.uid} has a single slice; a CT volume needs "
             "several slices"
         )
-    row_dir, col_dir = _orientation(first, first_path)
+    row_dir, col_dir = _orientation(first)
     normal = np.cross(row_dir, col_dir)
-    ps = first.get("PixelSpacing")
-    if ps is None or len(ps) != 2:
-        raise InputError(f"{first_path}: no PixelSpacing; the pixel size is unknown")
+    if first.pixel_spacing is None:
+        raise InputError(f"{first.path}: no PixelSpacing; the pixel size is unknown")
     # PixelSpacing is (between rows, between columns) = (y, x).
-    spacing_xy = (float(ps[1]), float(ps[0]))
-    _check_spacing(spacing_xy, f"{first_path} (PixelSpacing)")
+    spacing_xy = (first.pixel_spacing[1], first.pixel_spacing[0])
+    _check_spacing(spacing_xy, f"{first.label} (PixelSpacing)")
 
     slices = []
-    for p, ds in main:
-        ipp = ds.get("ImagePositionPatient")
-        if ipp is None or len(ipp) != 3:
-            raise InputError(f"{p}: no ImagePositionPatient; the slice's position is unknown")
-        pos = np.asarray([float(x) for x in ipp])
+    for f in main:
+        if f.position is None:
+            raise InputError(f"{f.label}: no ImagePositionPatient; the slice's position is unknown")
+        pos = np.asarray(f.position, float)
         if not np.isfinite(pos).all():
-            raise InputError(f"{p}: ImagePositionPatient {list(pos)} is not a valid position")
-        slices.append(_Slice(p, ds, pos, float(pos @ normal)))
-    slices.sort(key=lambda s: (s.along, tag_int(s.ds, "InstanceNumber") or 0))
+            raise InputError(f"{f.label}: ImagePositionPatient {list(pos)} is not a valid position")
+        slices.append(_Slice(f, pos, float(pos @ normal)))
+    slices.sort(key=lambda s: (s.along, s.frame.instance_number or 0))
     along = np.array([s.along for s in slices])
     gaps = np.diff(along)
     if np.any(gaps < _UNIFORM_ABS_TOL_MM):
         k = int(np.argmin(gaps))
+        blank = "" if series.series_instance_uid else (
+            " Its files have no SeriesInstanceUID, so nothing in the headers tells such series apart."
+        )
         raise InputError(
-            f"series {series.uid}: {slices[k].path.name} and {slices[k + 1].path.name} lie at the "
+            f"series {series.uid}: {slices[k].frame.label} and {slices[k + 1].frame.label} lie at the "
             "same slice position; the series holds several acquisitions or phases, which cannot "
-            "form one volume. Split them into separate series (or export one phase) and retry."
+            f"form one volume.{blank} Split them into separate series (or export one phase) and retry."
         )
 
     # Gantry tilt: slice origins drift in-plane as the table moves.
@@ -217,7 +234,7 @@ def _plan(series: DicomSeriesInfo) -> _Plan:
     inplane = offsets - np.outer(along - along[0], normal)
     shift_mm = np.stack([inplane @ col_dir, inplane @ row_dir], axis=1)  # (dy, dx) in mm
     shift_px = shift_mm / np.array([spacing_xy[1], spacing_xy[0]])
-    header_tilt = _float_or_none(first.get("GantryDetectorTilt"))
+    header_tilt = _float_or_none(first.ds.get("GantryDetectorTilt"))
     if header_tilt:
         info["gantry_tilt_deg"] = header_tilt
     inplane_shift: np.ndarray | None = None
@@ -270,7 +287,7 @@ def _plan(series: DicomSeriesInfo) -> _Plan:
             "interpolated, not measured. Check that the series is complete."
         )
     _check_spacing((*spacing_xy, spacing_z), f"series {series.uid}")
-    rows, cols = tag_int(first, "Rows") or 0, tag_int(first, "Columns") or 0
+    rows, cols = first.rows, first.columns
     return _Plan(slices, row_dir, col_dir, normal, spacing_xy, rows, cols, inplane_shift,
                  out_along, spacing_z, warnings, info)
 
@@ -283,47 +300,6 @@ def _float_or_none(value: Any) -> float | None:
 
 
 # ---------------------------------------------------------------------------------- pixels
-def _decode(path: Path, rows: int, cols: int) -> np.ndarray:
-    """One slice as a 2-D array after rescale (GDCM decodes any supported transfer syntax)."""
-    import SimpleITK as sitk
-
-    reader = sitk.ImageFileReader()
-    reader.SetImageIO("GDCMImageIO")
-    reader.SetFileName(str(path))
-    try:
-        image = reader.Execute()
-    except RuntimeError as exc:
-        raise InputError(
-            f"{path}: the pixel data cannot be decoded (truncated file, or a compression GDCM "
-            f"does not support): {_sitk_reason(exc)}"
-        ) from exc
-    array = sitk.GetArrayViewFromImage(image)
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{path}: colour (multi-component) pixels; a CT slice is greyscale")
-    array = array.reshape(array.shape[-2:]) if array.size == rows * cols else array
-    if array.shape != (rows, cols):
-        raise InputError(f"{path}: pixel data of shape {array.shape}, header says {rows}×{cols}")
-    return np.array(array)
-
-
-def _sitk_reason(exc: BaseException) -> str:
-    """The informative part of a SimpleITK exception (no C++ source location, no pointers).
-
-    ``"...cxx:410:\nitk::ERROR: NrrdImageIO(0x55d3): Error reading c.nrrd:\n[nrrd] ...: hit end
-    of header"`` becomes ``"Error reading c.nrrd: hit end of header"``.
-    """
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    if not lines:
-        return type(exc).__name__
-    main = next((ln for ln in lines if "ERROR:" in ln), lines[-1])
-    main = main.split("ERROR:", 1)[-1].strip()
-    main = re.sub(r"^\w+\(0x[0-9a-fA-F]+\):\s*", "", main)
-    library_detail = [ln for ln in lines if ln.startswith("[")]  # teem/nrrd's innermost cause
-    if library_detail:
-        main = f"{main.rstrip(':')}: {library_detail[-1].split('] ', 1)[-1].split(': ', 1)[-1]}"
-    return main
-
-
 def _fits_int16(a: np.ndarray) -> bool:
     if a.size == 0:
         return True
@@ -336,10 +312,9 @@ def _read_pixels(plan: _Plan) -> np.ndarray:
     """Decode every slice in plan order into one ``[z, y, x]`` array (int16 when it fits)."""
     n = len(plan.slices)
     out = np.empty((n, plan.rows, plan.cols), np.int16)
-    for k, s in enumerate(plan.slices):
-        pixels = _decode(s.path, plan.rows, plan.cols)
+    for k, (s, pixels) in enumerate(zip(plan.slices, decode_frames([s.frame for s in plan.slices]), strict=True)):
         if out.dtype == np.int16 and not _fits_int16(pixels):
-            logger.info("%s: values do not fit int16; the volume is kept as float32", s.path)
+            logger.info("%s: values do not fit int16; the volume is kept as float32", s.frame.label)
             out = out.astype(np.float32)
         out[k] = pixels
     return out
@@ -402,7 +377,7 @@ def read_dicom_volume(series: DicomSeriesInfo) -> DicomVolume:
     direction = np.stack([plan.row_dir, plan.col_dir, plan.normal], axis=1)
     reference = DicomReference(
         study_instance_uid=tag_str(first, "StudyInstanceUID"),
-        series_instance_uid=series.uid,
+        series_instance_uid=series.series_instance_uid,
         frame_of_reference_uid=tag_str(first, "FrameOfReferenceUID"),
         sop_class_uid=tag_str(first, "SOPClassUID"),
         sop_instance_uids=tuple(tag_str(s.ds, "SOPInstanceUID") for s in plan.slices),
@@ -425,7 +400,8 @@ def read_dicom_volume(series: DicomSeriesInfo) -> DicomVolume:
         "format": "DICOM",
         "modality": series.modality,
         "series_description": series.description,
-        "series_instance_uid": series.uid,
+        "series_instance_uid": series.series_instance_uid,
+        "series_key": series.uid,
         "series_number": series.series_number,
         "study_instance_uid": reference.study_instance_uid,
         "study_description": tag_str(first, "StudyDescription"),
@@ -439,7 +415,8 @@ def read_dicom_volume(series: DicomSeriesInfo) -> DicomVolume:
         "body_part": tag_str(first, "BodyPartExamined"),
         "contrast_agent": tag_str(first, "ContrastBolusAgent"),
         "transfer_syntax": syntaxes.most_common(1)[0][0],
-        "num_files": len(plan.slices),
+        "num_files": len({s.path for s in plan.slices}),
+        **({"series_grouping": series.grouping} if series.grouping else {}),
         **plan.info,
     }
     return DicomVolume(volume, geometry, info, plan.warnings)

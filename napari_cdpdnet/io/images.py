@@ -25,6 +25,8 @@ import numpy as np
 from napari_cdpdnet.errors import InputError
 from napari_cdpdnet.fileutil import full_suffix
 from napari_cdpdnet.geometry import Geometry
+from napari_cdpdnet.io.dicom_kinds import sniff_file_kind
+from napari_cdpdnet.io.dicom_scan import DAMAGED_NOTE, select_series_of_file
 from napari_cdpdnet.io.dicom_series import (
     MAX_SPACING_MM,
     MIN_SPACING_MM,
@@ -35,11 +37,16 @@ from napari_cdpdnet.io.dicom_series import (
     list_dicom_series,
     read_dicom_volume,
     select_series,
-    series_of_file,
+)
+from napari_cdpdnet.io.volume_checks import (
+    detached_data_problem,
+    finite_only,
+    nifti_float_voxels,
+    nifti_scan,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    import SimpleITK as sitk
+    pass
 
 __all__ = [
     "CTImage",
@@ -164,51 +171,6 @@ def _check_spacing(spacing: tuple[float, ...], path: Path) -> None:
             )
 
 
-def _nifti_data_complete(path: Path, reader: sitk.ImageFileReader) -> bool:
-    """Whether a NIfTI file holds all the voxel bytes its header promises.
-
-    ITK's NIfTI reader fills missing data with zeros instead of failing, so a truncated download
-    would otherwise load as a scan with an empty lower part. For ``.nii.gz`` this decompresses
-    the stream once more (without keeping it) and stops as soon as enough bytes have come out.
-    """
-    import zlib
-
-    try:
-        ndim = int(reader.GetMetaData("dim[0]"))
-        dims = [int(reader.GetMetaData(f"dim[{i}]")) for i in range(1, ndim + 1)]
-        expected = int(float(reader.GetMetaData("vox_offset"))) + math.prod(dims) * int(
-            reader.GetMetaData("bitpix")
-        ) // 8
-    except (RuntimeError, ValueError):
-        logger.debug("%s: NIfTI header fields missing; completeness not checked", path)
-        return True
-    if full_suffix(path) != ".nii.gz":
-        return path.stat().st_size >= expected
-    total = 0
-    decomp = zlib.decompressobj(wbits=31)
-    with open(path, "rb") as fh:
-        pending = b""
-        while total < expected:
-            if not pending:
-                pending = fh.read(1 << 20)
-                if not pending:
-                    return False  # the file ends before the data does
-            try:
-                total += len(decomp.decompress(pending, 1 << 24))
-            except zlib.error:
-                return False
-            pending = decomp.unconsumed_tail
-            if decomp.eof:
-                if total >= expected:
-                    break
-                rest = decomp.unused_data  # another gzip member may follow
-                decomp = zlib.decompressobj(wbits=31)
-                pending = rest + pending
-                if not pending and not (pending := fh.read(1 << 20)):
-                    return False
-    return True
-
-
 def check_input_path(path: str | os.PathLike[str]) -> Path:
     """The cheap checks of :func:`read_ct`, without reading: exists, and a type it can read.
 
@@ -226,14 +188,18 @@ def check_input_path(path: str | os.PathLike[str]) -> Path:
     if suffix in _VOLUME_FORMATS or is_dicom_file(p):
         return p
     if suffix in _DICOM_SUFFIXES:
-        raise InputError(f"{p}: not a DICOM file (no DICM marker), or the file is damaged")
+        kind = sniff_file_kind(p)
+        what = f": it is {kind}, not a CT volume" if kind and kind != "a text file" else ", or the file is damaged"
+        raise InputError(f"{p}: not a DICOM file (no DICM marker){what}")
     raise _unsupported(p)
 
 
 def _unsupported(path: Path) -> InputError:
     suffix = full_suffix(path)
+    kind = sniff_file_kind(path) if path.is_file() else None
+    what = f" ({kind}, not a CT volume)" if kind and kind not in ("a text file",) else ""
     return InputError(
-        f"{path}: unsupported file type {suffix or '(no suffix)'!r}; "
+        f"{path}: unsupported file type {suffix or '(no suffix)'!r}{what}; "
         f"supported: {', '.join(SUPPORTED_IMAGE_SUFFIXES)} or a DICOM folder"
     )
 
@@ -250,6 +216,9 @@ def _read_file(path: Path) -> _Volume:
         raise InputError(f"{path}: is a folder, not a {fmt} file")
     if path.stat().st_size == 0:
         raise InputError(f"{path}: the file is empty (0 bytes)")
+    detached = detached_data_problem(path)
+    if detached:
+        raise InputError(detached)
     reader = sitk.ImageFileReader()
     reader.SetImageIO(io_name)
     reader.SetFileName(str(path))
@@ -283,7 +252,8 @@ def _read_file(path: Path) -> _Volume:
             "several slices in every direction"
         )
     _check_spacing(tuple(reader.GetSpacing())[:3], path)
-    if fmt == "NIfTI" and not _nifti_data_complete(path, reader):
+    complete, non_finite = nifti_scan(path, reader) if fmt == "NIfTI" else (True, 0)
+    if not complete:
         raise InputError(
             f"{path}: the file is truncated or corrupted: it holds less voxel data than its "
             f"header describes ({' × '.join(str(s) for s in size)} voxels); download or copy it again"
@@ -314,7 +284,10 @@ def _read_file(path: Path) -> _Volume:
             break
     if "descrip" in keys and reader.GetMetaData("descrip").strip():
         info["description"] = reader.GetMetaData("descrip").strip()
-    return _Volume(sitk.GetArrayFromImage(image), geometry, info, [])
+    array = sitk.GetArrayFromImage(image)
+    if non_finite:  # ITK read them as 0; take the voxels as they are stored
+        array = nifti_float_voxels(path)
+    return _Volume(array, geometry, info, [])
 
 
 # ---------------------------------------------------------------------------------- conversions
@@ -417,11 +390,15 @@ def _read_dicom(path: Path, *, series_uid: str | None, allow_non_ct: bool) -> _V
     if path.is_dir():
         series, notes = select_series(path, series_uid=series_uid, allow_non_ct=allow_non_ct)
     else:
-        uid = series_uid or series_of_file(path)
-        series, notes = select_series(
-            path.parent, series_uid=uid, allow_non_ct=allow_non_ct, recursive=False
-        )
-    vol = read_dicom_volume(series)
+        series, notes = select_series_of_file(path, series_uid=series_uid, allow_non_ct=allow_non_ct)
+    try:
+        vol = read_dicom_volume(series)
+    except InputError as exc:
+        # a file that could not be read may be the slice this series misses: say so with the refusal
+        skipped = [n for n in notes if DAMAGED_NOTE in n]
+        if skipped:
+            raise InputError(f"{exc}. Note: {skipped[0]}") from exc
+        raise
     return _Volume(vol.array, vol.geometry, vol.info, notes + vol.warnings)
 
 
@@ -439,7 +416,9 @@ def _as_ct_image(path: Path, vol: _Volume, allow_non_ct: bool) -> CTImage:
             f"{path}: modality {modality}, not CT; CDPDNet was trained on CT and its masks will "
             "not be meaningful on this image"
         )
-    array = _as_hu(vol.array)
+    finite, notes = finite_only(vol.array, path)
+    warnings.extend(notes)
+    array = _as_hu(finite)
     warnings.extend(_hu_warnings(array, path))
     for w in warnings:
         logger.warning("%s", w)

@@ -17,13 +17,15 @@ structures a free text is taken to mean.
 * :func:`load_clip_text_tower`: the one loader of the open_clip ViT-B/32 text tower, from a path
   or the weights registry;
 * :class:`ClipScorer`: the resolver's CLIP stage (cosine of a prompted text to the 32 organ
-  embeddings). Constructing one loads nothing; weights are read at the first score.
+  embeddings). Constructing one loads nothing; weights are read at the first score. Which scorer
+  a request uses (``--clip auto|on|off``) is :mod:`napari_cdpdnet.inference.clip_choice`'s job.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,7 +142,10 @@ def _open_clip() -> Any:
 
 
 def load_clip_text_tower(
-    path: str | os.PathLike[str] | None = None, *, allow_download: bool = False
+    path: str | os.PathLike[str] | None = None,
+    *,
+    allow_download: bool = False,
+    progress: Callable[[int, int | None, str], None] | None = None,
 ) -> ClipTextTower:
     """The open_clip ViT-B/32 (OpenAI) model, ready to encode text.
 
@@ -148,6 +153,7 @@ def load_clip_text_tower(
         path: the weights file (or a folder holding it); None looks it up through the weights
             registry (``$CDPDNET_WEIGHTS_DIR``, the cache, the Hugging Face cache).
         allow_download: fetch the weights (0.6 GB) when they are nowhere on disk.
+        progress: ``progress(done_bytes, total_bytes, filename)`` while downloading.
 
     Raises:
         InputError: open_clip is not installed (the ``[clip]`` extra).
@@ -156,7 +162,7 @@ def load_clip_text_tower(
     open_clip = _open_clip()
     from napari_cdpdnet.weights import resolve_clip
 
-    weights = resolve_clip(path, allow_download=allow_download)
+    weights = resolve_clip(path, allow_download=allow_download, progress=progress)
     logger.info("loading CLIP ViT-B/32 text tower from %s", weights)
     try:
         model = open_clip.create_model(CLIP_ARCH, pretrained=str(weights), force_quick_gelu=True)
@@ -175,8 +181,13 @@ class ClipScorer:
     ranks the fixed 32 structures: the model's text conditioning does not depend on the query.
 
     Nothing is loaded until the first score is asked for. Give ``model`` (an open_clip model)
-    and ``organ_embeddings`` directly, or let them come from the weights (``clip_weights``,
-    ``checkpoint``, resolved through :mod:`napari_cdpdnet.weights`). This is the object
+    and ``organ_embeddings`` directly, or let them come from the weights (``clip_weights``
+    resolved through :mod:`napari_cdpdnet.weights`). The organ embeddings are the checkpoint's
+    ``organ_embedding`` buffer when a checkpoint is given or found on disk (never downloaded
+    for this); otherwise the tower computes them from the official prompts, which is how the
+    authors made that buffer (same model and template; it differs only by the authors' float16
+    rounding), so text matching does not need the 0.3-0.8 GB checkpoint. ``organ_source`` says
+    which was used. Thread-safe: the dock scores in workers. This is the object
     :func:`napari_cdpdnet.vocabulary.resolver.resolve` takes as ``clip_scorer``.
     """
 
@@ -189,6 +200,7 @@ class ClipScorer:
         clip_weights: str | os.PathLike[str] | None = None,
         checkpoint: str | os.PathLike[str] | None = None,
         allow_download: bool = False,
+        progress: Callable[[int, int | None, str], None] | None = None,
     ) -> None:
         self._model = model
         self._organ = organ_embeddings
@@ -196,34 +208,53 @@ class ClipScorer:
         self._clip_weights = clip_weights
         self._checkpoint = checkpoint
         self._allow_download = allow_download
+        self._progress = progress
         self._tower: ClipTextTower | None = None
         self._organ_unit: torch.Tensor | None = None
         self._cache: dict[str, np.ndarray] = {}
+        self._lock = threading.RLock()
+        #: Where the 32 organ embeddings came from (set at the first score).
+        self.organ_source = "given" if organ_embeddings is not None else ""
 
     def _ensure(self) -> tuple[ClipTextTower, torch.Tensor]:
-        if self._tower is None:
-            if self._model is None:
-                self._tower = load_clip_text_tower(
-                    self._clip_weights, allow_download=self._allow_download
-                )
-            else:
-                tokenizer = self._tokenizer or _open_clip().get_tokenizer(CLIP_ARCH)
-                self._tower = ClipTextTower(self._model.eval(), tokenizer)
-        if self._organ_unit is None:
-            if self._organ is None:
-                from napari_cdpdnet.weights import resolve_checkpoint
+        with self._lock:
+            if self._tower is None:
+                if self._model is None:
+                    self._tower = load_clip_text_tower(
+                        self._clip_weights, allow_download=self._allow_download, progress=self._progress
+                    )
+                else:
+                    tokenizer = self._tokenizer or _open_clip().get_tokenizer(CLIP_ARCH)
+                    self._tower = ClipTextTower(self._model.eval(), tokenizer)
+            if self._organ_unit is None:
+                self._organ_unit = self._organ_embeddings(self._tower)
+            return self._tower, self._organ_unit
 
-                self._organ = load_organ_embeddings(
-                    resolve_checkpoint(self._checkpoint, allow_download=self._allow_download)
-                )
-            organ = torch.as_tensor(np.asarray(self._organ, dtype=np.float32))
-            expected = (len(STRUCTURES), CLIP_TEXT_DIM)
-            if tuple(organ.shape) != expected:
-                raise WeightsError(
-                    f"organ embeddings have shape {tuple(organ.shape)}, expected {expected}"
-                )
-            self._organ_unit = torch.nn.functional.normalize(organ, dim=-1)
-        return self._tower, self._organ_unit
+    def _organ_embeddings(self, tower: ClipTextTower) -> torch.Tensor:
+        """The 32 organ embeddings, unit length: given, the checkpoint's, or computed."""
+        if self._organ is None:
+            from napari_cdpdnet.weights import resolve_checkpoint
+
+            try:  # looked for, never downloaded for this
+                path = resolve_checkpoint(self._checkpoint, allow_download=False)
+                self._organ = load_organ_embeddings(path)
+                self.organ_source = f"checkpoint buffer ({path})"
+            except WeightsError as exc:  # absent, or not the official 32 x 512 table
+                if self._checkpoint is not None:
+                    logger.warning("CLIP: %s; computing the organ embeddings instead", exc)
+                self._organ = tower.encode([s.prompt for s in STRUCTURES])
+                self.organ_source = "computed by CLIP from the official prompts"
+            logger.info("CLIP organ embeddings: %s", self.organ_source)
+        organ = torch.as_tensor(np.asarray(self._organ, dtype=np.float32))
+        expected = (len(STRUCTURES), CLIP_TEXT_DIM)
+        if tuple(organ.shape) != expected:
+            raise WeightsError(f"organ embeddings have shape {tuple(organ.shape)}, expected {expected}")
+        return torch.nn.functional.normalize(organ, dim=-1)
+
+    def load(self) -> ClipScorer:
+        """Load the weights now (the first score does it otherwise); returns self."""
+        self._ensure()
+        return self
 
     @property
     def logit_scale(self) -> float:
@@ -233,12 +264,13 @@ class ClipScorer:
     def similarities(self, text: str) -> np.ndarray:
         """Cosine similarity of the prompted text to each of the 32 organ embeddings, [32]."""
         key = " ".join(text.split())
-        if key not in self._cache:
-            tower, organ_unit = self._ensure()
-            emb = torch.as_tensor(tower.encode([PROMPT_TEMPLATE.format(key)]))
-            unit = torch.nn.functional.normalize(emb, dim=-1)
-            self._cache[key] = (unit @ organ_unit.T)[0].cpu().numpy()
-        return self._cache[key]
+        with self._lock:
+            if key not in self._cache:
+                tower, organ_unit = self._ensure()
+                emb = torch.as_tensor(tower.encode([PROMPT_TEMPLATE.format(key)]))
+                unit = torch.nn.functional.normalize(emb, dim=-1)
+                self._cache[key] = (unit @ organ_unit.T)[0].cpu().numpy()
+            return self._cache[key]
 
     def probabilities(self, text: str) -> np.ndarray:
         """Softmax over the 32 structures of ``logit_scale`` x cosine, [32]."""

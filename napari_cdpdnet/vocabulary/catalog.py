@@ -42,6 +42,8 @@ __all__ = [
     "TASKS",
     "SPECIAL_TERMS",
     "PROMPT_TEMPLATE",
+    "TASK_PROMPT_TEMPLATE",
+    "LANGUAGES",
     "GROUPS",
     "POSTPROCESS_ROLES",
     "structure",
@@ -58,6 +60,11 @@ logger = logging.getLogger(__name__)
 GROUPS: tuple[str, ...] = ("organ", "vessel", "tumour")
 _LATERALITIES = (None, "left", "right")
 _TERM_KINDS = ("group", "ambiguous", "not_supported")
+#: Languages of ``other_languages`` in structures.json (ISO 639-1 code -> name shown to users).
+LANGUAGES: dict[str, str] = {
+    "la": "Latin", "fr": "French", "de": "German", "es": "Spanish", "it": "Italian",
+    "pt": "Portuguese", "nl": "Dutch",
+}
 
 
 class Code(NamedTuple):
@@ -94,6 +101,8 @@ class Structure:
         official_name: the name in the official CLIP prompt list, typos kept ("Arota"): the
             checkpoint's organ embedding was computed from "A computerized tomography of a" + it.
         synonyms, abbreviations: other ways users name it (lower-case matching in the resolver).
+        other_languages: (language code, phrase) pairs: its name in other languages
+            (:data:`LANGUAGES`), so the resolver can say which language it read.
         part_terms: names of a part of this structure; asking for one gives the whole structure.
         laterality: "left", "right" or None (patient's side).
         group: "organ", "vessel" or "tumour" (tumours and cysts).
@@ -114,6 +123,7 @@ class Structure:
     color_source: str
     snomed: SegmentCoding
     notes: str
+    other_languages: tuple[tuple[str, str], ...] = ()
 
     @property
     def channel(self) -> int:
@@ -143,6 +153,8 @@ class Task:
     ``structures`` is the label set as structure indices (1..32), in the official template
     order: what that dataset labelled during training, and so what this task prompt was
     trained to emphasise. ``datasets`` are (key, name) pairs (MSD has six sub-datasets).
+    ``prompt`` is the official TTPG sentence of row ``id`` of the task-embedding table;
+    ``prompt_note`` says when that row names another dataset's structures (rows 8-10).
     """
 
     id: int
@@ -150,6 +162,8 @@ class Task:
     name: str
     datasets: tuple[tuple[str, str], ...]
     structures: tuple[int, ...]
+    prompt: str = ""
+    prompt_note: str = ""
 
     @property
     def dataset(self) -> str:
@@ -181,6 +195,17 @@ def _code(raw: Any, where: str) -> Code | None:
     if not (isinstance(raw, list) and len(raw) == 3 and all(isinstance(x, str) and x for x in raw)):
         raise RuntimeError(f"structures.json: {where} must be [code, scheme, meaning], got {raw!r}")
     return Code(*raw)
+
+
+def _languages(raw: Any, where: str) -> tuple[tuple[str, str], ...]:
+    if not isinstance(raw, dict) or not all(
+        code in LANGUAGES and isinstance(v, list) and all(isinstance(x, str) and x for x in v)
+        for code, v in raw.items()
+    ):
+        raise RuntimeError(
+            f"structures.json: {where} other_languages must map codes of {sorted(LANGUAGES)} to phrases"
+        )
+    return tuple((code, phrase) for code, phrases in raw.items() for phrase in phrases)
 
 
 def _load_structures() -> tuple[tuple[Structure, ...], str]:
@@ -222,6 +247,7 @@ def _load_structures() -> tuple[tuple[Structure, ...], str]:
                     source=sn["source"],
                 ),
                 notes=raw["notes"],
+                other_languages=_languages(raw.get("other_languages", {}), where),
             )
         )
     if not out:
@@ -234,6 +260,9 @@ def _load_structures() -> tuple[tuple[Structure, ...], str]:
 
 def _load_tasks(n_structures: int) -> tuple[Task, ...]:
     data = load_json("tasks.json")
+    rows, notes = data["prompt_rows"], data.get("prompt_row_notes", {})
+    if len(rows) != len(data["tasks"]):
+        raise RuntimeError("tasks.json: prompt_rows must hold one list per task")
     out = []
     for n, raw in enumerate(data["tasks"]):
         labels = tuple(int(i) for i in raw["structures"])
@@ -249,6 +278,8 @@ def _load_tasks(n_structures: int) -> tuple[Task, ...]:
                 name=raw["name"],
                 datasets=tuple((d["key"], d["name"]) for d in raw["datasets"]),
                 structures=labels,
+                prompt=str(data["task_prompt_template"]).format(rows[n]),
+                prompt_note=str(notes.get(str(n), "")),
             )
         )
     if not out:
@@ -258,6 +289,8 @@ def _load_tasks(n_structures: int) -> tuple[Task, ...]:
 
 STRUCTURES, PROMPT_TEMPLATE = _load_structures()
 TASKS: tuple[Task, ...] = _load_tasks(len(STRUCTURES))
+#: The official TTPG sentence template (each task's ``prompt`` fills it).
+TASK_PROMPT_TEMPLATE: str = str(load_json("tasks.json")["task_prompt_template"])
 
 #: One sentence every user-facing listing repeats, so nobody mistakes the resolver for an
 #: open-vocabulary model.

@@ -6,13 +6,20 @@ Matching runs offline, in this order, and stops at the first confident answer:
 2. synonym: curated synonyms, abbreviations, other spellings and languages ("IVC", "GB",
    "L kidney", "oesophagus", "rein gauche"), and parts of a structure ("portal vein");
 3. fuzzy: typos ("pancraes", "gallblader"), scored by string similarity;
-4. clip (only with a :class:`~napari_cdpdnet.model.text.ClipScorer`): cosine similarity of CLIP's
-   embedding of "A computerized tomography of a {text}" to the checkpoint's 32 fixed organ embeddings.
+4. clip (only with a text scorer, see :mod:`.clip_stage`): cosine similarity of CLIP's embedding
+   of "A computerized tomography of a {text}" to the 32 fixed organ embeddings, for what the
+   lexicon does not cover ("main artery of the abdomen").
 
-Below ``threshold`` it refuses with suggestions: a refusal is an answer ("brain" is not one of
-the 32 structures). Whatever is typed, the network computes the same 32 outputs with the same
-fixed text conditioning (SPEC §6.3); resolving only picks which outputs the user gets. CLIP
-here ranks the 32 fixed structures and never adds one.
+Below its threshold (``threshold`` for typos, ``clip_thresholds`` for CLIP) it refuses with
+suggestions: a refusal is an answer ("brain" is not one of the 32 structures). Whatever is
+typed, the network computes the same 32 outputs with the same fixed text conditioning
+(SPEC §6.3); resolving only picks which outputs the user gets. CLIP here ranks the 32 fixed
+structures and never adds one. A scorer that cannot score (weights absent and offline) raises
+:class:`~.clip_stage.ClipUnavailable`: resolution stays lexical and the refusal carries its note.
+
+Every :class:`Resolution` says how the text was understood (``source``: name, synonym,
+abbreviation, part, language, typo or CLIP; CLIP's cosine and margin; the alternatives), which
+:mod:`.explain` turns into the lines the CLI prints and the dock shows.
 
 Every phrase and word matched here is data: :mod:`.terms` normalises text with
 ``resources/terms.json`` and builds the phrase table from ``resources/structures.json``.
@@ -22,14 +29,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from difflib import SequenceMatcher
-from typing import Protocol
 
 from napari_cdpdnet.errors import VocabularyError
 from napari_cdpdnet.vocabulary.catalog import (
+    LANGUAGES,
     STRUCTURES,
     Structure,
+)
+from napari_cdpdnet.vocabulary.clip_stage import (
+    DEFAULT_CLIP_THRESHOLDS,
+    ClipRanking,
+    ClipThresholds,
+    ClipUnavailable,
+    TextScorer,
 )
 from napari_cdpdnet.vocabulary.terms import (
     LIST_SEPARATOR,
@@ -46,8 +60,11 @@ __all__ = [
     "Resolution",
     "UnresolvedStructure",
     "TextScorer",
+    "ClipThresholds",
+    "ClipUnavailable",
     "DEFAULT_THRESHOLD",
     "METHODS",
+    "SOURCES",
     "resolve",
     "resolve_many",
     "normalize",
@@ -55,9 +72,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Confidence below which a match is refused (fuzzy similarity or CLIP probability).
+#: String similarity below which a typo match is refused (CLIP has its own, see .clip_stage).
 DEFAULT_THRESHOLD = 0.8
 METHODS = ("exact", "synonym", "fuzzy", "clip")
+#: How a text was understood, as users are told (``Resolution.source``).
+SOURCES = ("name", "synonym", "abbreviation", "part", "language", "typo", "CLIP")
+_SOURCE_OF_METHOD = {"exact": "name", "synonym": "synonym", "fuzzy": "typo", "clip": "CLIP"}
 
 #: Confidence of a curated part term ("portal vein" -> Portal Vein and Splenic Vein): certain
 #: about the structure, but the result is larger than what was asked for.
@@ -73,13 +93,28 @@ _FUZZY_FLOOR = 0.7
 # --------------------------------------------------------------------------- results
 @dataclass(frozen=True)
 class Resolution:
-    """One resolved phrase: the structure, how sure, how it was found and why."""
+    """One resolved phrase: the structure, how sure, how it was found and why.
+
+    ``confidence`` is 1 for names and synonyms, the string similarity for a typo and the cosine
+    for CLIP. ``source`` is one of :data:`SOURCES`; ``language`` names the language of a
+    translated name; ``cosine``/``margin`` are CLIP's (margin over the runner-up);
+    ``alternatives`` are the next candidates with their scores, best first (typos, CLIP).
+    """
 
     text: str
     structure: Structure
     confidence: float
     method: str  # one of METHODS
     reason: str
+    source: str = ""
+    language: str = ""
+    cosine: float | None = None
+    margin: float | None = None
+    alternatives: tuple[tuple[Structure, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            object.__setattr__(self, "source", _SOURCE_OF_METHOD[self.method])
 
     def __str__(self) -> str:
         return f"{self.text!r} -> {self.structure.name} ({self.method}, {self.confidence:.2f}): {self.reason}"
@@ -87,7 +122,13 @@ class Resolution:
 
 class UnresolvedStructure(VocabularyError):
     """A phrase was refused. ``kind``: "unknown", "not_supported", "ambiguous", "group",
-    "conflicting_laterality" or "empty"; ``suggestions``: structures the user may have meant."""
+    "conflicting_laterality" or "empty"; ``suggestions``: structures the user may have meant.
+
+    ``message`` is the refusal without ``note`` (why CLIP could not help, said once however many
+    phrases were refused); ``clip`` is CLIP's ranking when it was asked; ``clip_unavailable`` the
+    scorer's reason when it could not be. From :func:`resolve_many`, ``failures`` lists each
+    refused phrase and ``resolved`` what the other phrases resolved to.
+    """
 
     def __init__(
         self,
@@ -96,11 +137,22 @@ class UnresolvedStructure(VocabularyError):
         text: str = "",
         kind: str = "unknown",
         suggestions: Sequence[Structure] = (),
+        clip: ClipRanking | None = None,
+        clip_unavailable: ClipUnavailable | None = None,
+        failures: Sequence[UnresolvedStructure] = (),
+        resolved: Sequence[Resolution] = (),
     ) -> None:
-        super().__init__(message)
+        note = clip_unavailable.note if clip_unavailable is not None else ""
+        super().__init__(f"{message}\nnote: {note}" if note else message)
+        self.message = message
+        self.note = note
         self.text = text
         self.kind = kind
         self.suggestions = tuple(suggestions)
+        self.clip = clip
+        self.clip_unavailable = clip_unavailable
+        self.failures = tuple(failures) or (self,)
+        self.resolved = tuple(resolved)
 
 
 def _names(items: Iterable[Structure]) -> str:
@@ -210,8 +262,19 @@ def _accept(text: str, entry: Entry, q: Query, *, score: float, fuzzy: bool) -> 
             _PART_CONFIDENCE,
             "synonym",
             f"{entry.phrase!r} is part of {s.name}, which CDPDNet segments as one structure",
+            source="part",
         )
-    return Resolution(text, s, 1.0, "synonym", f"{entry.phrase!r} is a synonym of {s.name}")
+    if entry.source == "language":
+        language = " or ".join(LANGUAGES.get(c, c) for c in entry.language.split(","))
+        return Resolution(
+            text, s, 1.0, "synonym", f"{entry.phrase!r} is {language} for {s.name}",
+            source="language", language=language,
+        )
+    what = "an abbreviation" if entry.source == "abbreviation" else "a synonym"
+    return Resolution(
+        text, s, 1.0, "synonym", f"{entry.phrase!r} is {what} of {s.name}",
+        source=entry.source or "synonym",
+    )
 
 
 def _lexical(text: str, q: Query, threshold: float) -> tuple[Resolution | None, list, str | None]:
@@ -246,7 +309,24 @@ def _lexical(text: str, q: Query, threshold: float) -> tuple[Resolution | None, 
             kind="ambiguous",
             suggestions=_suggest(ranked),
         )
-    return _accept(text, best, q, score=best_score, fuzzy=True), ranked, None
+    found = _accept(text, best, q, score=best_score, fuzzy=True)
+    return replace(found, alternatives=_fuzzy_alternatives(ranked, found.structure)), ranked, None
+
+
+def _fuzzy_alternatives(
+    ranked: Sequence[tuple[float, str, Entry]], chosen: Structure, n: int = 3
+) -> tuple[tuple[Structure, float], ...]:
+    """The next ``n`` structures a typo was close to, with their similarity."""
+    out: dict[Structure, float] = {}
+    for score, _, entry in ranked:
+        if entry.kind not in ("name", "synonym", "part"):
+            continue
+        s = entry.structures[0]
+        if s != chosen and s not in out:
+            out[s] = round(score, 3)
+        if len(out) >= n:
+            break
+    return tuple(out.items())
 
 
 def resolve(
@@ -254,14 +334,15 @@ def resolve(
     *,
     clip_scorer: TextScorer | None = None,
     threshold: float = DEFAULT_THRESHOLD,
+    clip_thresholds: ClipThresholds | None = None,
 ) -> Resolution:
     """Resolve one phrase to one of the 32 structures, or refuse with suggestions.
 
     Args:
         text: what the user typed ("IVC", "left kidney", "liver lesion").
         clip_scorer: enables the CLIP stage for phrases no name, synonym or typo match covers.
-        threshold: minimum confidence (0..1) to accept a fuzzy or CLIP match (fuzzy matches
-            also need a similarity of at least 0.7).
+        threshold: minimum string similarity (0..1) to accept a typo match (never below 0.7).
+        clip_thresholds: when CLIP's answer is trusted (default: :data:`DEFAULT_CLIP_THRESHOLDS`).
 
     Raises:
         UnresolvedStructure (a VocabularyError): unknown, ambiguous, a group of several
@@ -289,83 +370,59 @@ def resolve(
     except UnresolvedStructure as exc:
         if exc.kind != "not_supported" or exc.suggestions or clip_scorer is None:
             raise
-        # A known unsupported structure: CLIP's ranking is the only meaningful "nearest".
-        nearest = _ClipRanking.of(text, clip_scorer).structures()
+        # A known unsupported structure: CLIP's ranking is the only meaningful "nearest" (and
+        # only a nicety: without CLIP the refusal stands as it is, with no note).
+        try:
+            ranking = ClipRanking.of(text, clip_scorer)
+        except ClipUnavailable:
+            raise exc from None
+        nearest = ranking.structures()
         raise UnresolvedStructure(
             f"{exc} Nearest by CLIP: {_names(nearest)}.",
             text=text,
             kind="not_supported",
             suggestions=nearest,
+            clip=ranking,
         ) from None
     if found is not None:
         logger.debug("%s", found)
         return found
     suggestions = _suggest(ranked)
+    kind, ranking, unavailable = "unknown", None, None
     if clip_scorer is not None:
-        ranking = _ClipRanking.of(text, clip_scorer)
-        if ranking.confidence >= threshold:
-            return Resolution(
-                text, ranking.best, ranking.confidence, "clip", f"CLIP text similarity: {ranking}"
+        try:
+            ranking = ClipRanking.of(text, clip_scorer, side=q.laterality)
+        except ClipUnavailable as exc:
+            unavailable = exc
+    if ranking is not None:
+        refused = ranking.refusal(clip_thresholds or DEFAULT_CLIP_THRESHOLDS)
+        if refused is None:
+            found = Resolution(
+                text,
+                ranking.best,
+                round(ranking.cosine, 3),
+                "clip",
+                f"CLIP text similarity: {ranking}",
+                cosine=ranking.cosine,
+                margin=ranking.margin,
+                alternatives=tuple(ranking.top(3, skip=1)),
             )
+            logger.debug("%s", found)
+            return found
+        kind, clip_why = refused
         clip_top = ranking.structures()
         suggestions = [*clip_top, *[s for s in suggestions if s not in clip_top]][:3]
-        clip_why = f"CLIP: best {ranking.best.name} below the threshold ({ranking})"
         why = f"{why}; {clip_why}" if why else clip_why
     nearest = f" Nearest: {_names(suggestions)}." if suggestions else ""
     raise UnresolvedStructure(
         f"{text!r} is not one of the {len(STRUCTURES)} structures CDPDNet segments ({why}).{nearest} "
         "Run `cdpdnet structures` for the list.",
         text=text,
-        kind="unknown",
+        kind=kind,
         suggestions=suggestions,
+        clip=ranking,
+        clip_unavailable=unavailable,
     )
-
-
-class TextScorer(Protocol):
-    """Scores of a text against the 32 structures, in structure order: the CLIP stage's input.
-
-    :class:`napari_cdpdnet.model.text.ClipScorer` is the one in use; the caller builds it (and
-    so loads CLIP), which keeps this module torch-free.
-    """
-
-    def similarities(self, text: str) -> Iterable[float]: ...
-
-    def probabilities(self, text: str) -> Iterable[float]: ...
-
-
-@dataclass(frozen=True)
-class _ClipRanking:
-    """The 32 structures ordered by CLIP probability for one text."""
-
-    order: tuple[int, ...]
-    probs: tuple[float, ...]
-    cosines: tuple[float, ...]
-
-    @classmethod
-    def of(cls, text: str, scorer: TextScorer) -> _ClipRanking:
-        probs = [float(p) for p in scorer.probabilities(text)]
-        cos = [float(c) for c in scorer.similarities(text)]
-        order = sorted(range(len(probs)), key=lambda i: -probs[i])
-        return cls(tuple(order), tuple(probs), tuple(cos))
-
-    @property
-    def best(self) -> Structure:
-        return STRUCTURES[self.order[0]]
-
-    @property
-    def confidence(self) -> float:
-        return round(self.probs[self.order[0]], 3)
-
-    def structures(self, n: int = 3) -> list[Structure]:
-        return [STRUCTURES[i] for i in self.order[:n]]
-
-    def __str__(self) -> str:
-        top, second = self.order[0], self.order[1]
-        return (
-            f"cosine {self.cosines[top]:.3f} to the fixed embedding of '{self.best.prompt}', "
-            f"probability {self.probs[top]:.2f} among the 32 structures "
-            f"(next: {STRUCTURES[second].name} {self.probs[second]:.2f})"
-        )
 
 
 # --------------------------------------------------------------------------- many
@@ -414,6 +471,7 @@ def resolve_many(
     *,
     clip_scorer: TextScorer | None = None,
     threshold: float = DEFAULT_THRESHOLD,
+    clip_thresholds: ClipThresholds | None = None,
 ) -> list[Resolution]:
     """Resolve a list ("liver, left kidney and spleen") into structures, in order, without repeats.
 
@@ -422,8 +480,8 @@ def resolve_many(
     "left and right kidney" gives both. Every phrase that fails is reported in one error.
 
     Raises:
-        UnresolvedStructure: naming each refused phrase with its reason; ``suggestions`` merges
-            theirs.
+        UnresolvedStructure: naming each refused phrase with its reason (``failures``), what the
+            others resolved to (``resolved``), CLIP's note once; ``suggestions`` merges theirs.
     """
     phrases = [text_or_list] if isinstance(text_or_list, str) else [str(t) for t in text_or_list]
     pieces = [p for phrase in phrases for p in _expand_sides(_pieces(phrase))]
@@ -449,7 +507,14 @@ def resolve_many(
             results += (
                 _resolved(piece, hits)
                 if hits
-                else [resolve(piece, clip_scorer=clip_scorer, threshold=threshold)]
+                else [
+                    resolve(
+                        piece,
+                        clip_scorer=clip_scorer,
+                        threshold=threshold,
+                        clip_thresholds=clip_thresholds,
+                    )
+                ]
             )
         except UnresolvedStructure as exc:
             failures.append(exc)
@@ -458,7 +523,7 @@ def resolve_many(
         if len(failures) == 1 and len(pieces) == 1:
             raise failures[0]
         msg = f"{len(failures)} of {len(pieces)} names could not be used:\n" + "\n".join(
-            f"  - {f}" for f in failures
+            f"  - {f.message}" for f in failures
         )
         suggestions = [s for f in failures for s in f.suggestions]
         raise UnresolvedStructure(
@@ -466,6 +531,11 @@ def resolve_many(
             text="; ".join(f.text for f in failures),
             kind="unknown",
             suggestions=list(dict.fromkeys(suggestions)),
+            clip_unavailable=next(
+                (f.clip_unavailable for f in failures if f.clip_unavailable), None
+            ),
+            failures=failures,
+            resolved=results,
         )
     unique: dict[int, Resolution] = {}
     for r in results:

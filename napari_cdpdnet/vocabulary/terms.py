@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from napari_cdpdnet._resources import load_json
@@ -127,6 +127,11 @@ class Entry:
     phrase: str  # the curated phrase it came from (for reasons)
     note: str = ""
     fuzzy: bool = True  # short abbreviations only match exactly
+    #: Where the phrase comes from, for users: "name", "synonym", "abbreviation", "part" or
+    #: "language" (then ``language`` is its code in catalog.LANGUAGES, or several joined by
+    #: commas when one spelling is shared); "" for special terms.
+    source: str = ""
+    language: str = ""
 
     @property
     def target(self) -> tuple[str, tuple[int, ...]]:
@@ -151,16 +156,21 @@ def phrase_table() -> dict[str, Entry]:
             )
         if old is None or rank(entry) < rank(old):
             table[key] = entry
+        elif old.source == entry.source == "language" and entry.language not in old.language.split(","):
+            # one spelling, two languages ("esofago": Spanish and Italian, once accents are gone)
+            table[key] = replace(old, language=f"{old.language},{entry.language}")
 
     for s in STRUCTURES:
         for phrase in (s.name, s.official_name, s.key.replace("_", " ")):
-            put(phrase, Entry("name", (s,), phrase))
+            put(phrase, Entry("name", (s,), phrase, source="name"))
         for phrase in s.synonyms:
-            put(phrase, Entry("synonym", (s,), phrase))
+            put(phrase, Entry("synonym", (s,), phrase, source="synonym"))
+        for code, phrase in s.other_languages:
+            put(phrase, Entry("synonym", (s,), phrase, source="language", language=code))
         for phrase in s.abbreviations:
-            put(phrase, Entry("synonym", (s,), phrase, fuzzy=len(phrase) > 3))
+            put(phrase, Entry("synonym", (s,), phrase, fuzzy=len(phrase) > 3, source="abbreviation"))
         for phrase in s.part_terms:
-            put(phrase, Entry("part", (s,), phrase))
+            put(phrase, Entry("part", (s,), phrase, source="part"))
     for t in SPECIAL_TERMS:
         put(t.term, Entry(t.kind, t.structures, t.term, t.note))
     # "kidney", "renal", "adrenal": a lateral phrase without its side names a pair.
@@ -168,7 +178,7 @@ def phrase_table() -> dict[str, Entry]:
     for s in STRUCTURES:
         if s.laterality is None:
             continue
-        for phrase in (s.name, s.official_name, *s.synonyms):
+        for phrase in (s.name, s.official_name, *s.synonyms, *(p for _, p in s.other_languages)):
             q = analyse(phrase)
             if q.laterality and q.text.split(" ", 1)[1:]:
                 pairs.setdefault(q.text.split(" ", 1)[1], set()).add(s.index)

@@ -108,10 +108,11 @@ REGISTRY: tuple[WeightSpec, ...] = (
             "redistributed on the hub by timm; see the model page."
         ),
         needed_for=(
-            "optional: matching free text that is not a known name or synonym (structure names, "
-            "synonyms and typos work without it)"
+            "optional: matching typed wording the lexicon does not know to one of the 32 "
+            "structures (--clip; names, synonyms, abbreviations, typos and other languages work "
+            "without it)"
         ),
-        option="--clip PATH",
+        option="--clip-weights PATH",
         optional=True,
     ),
 )

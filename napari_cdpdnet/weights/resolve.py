@@ -2,7 +2,7 @@
 
 Each file is looked for, in this order, and the first intact copy wins:
 
-1. an explicit path given by the caller (``--checkpoint``, ``--dino``, ``--clip``);
+1. an explicit path given by the caller (``--checkpoint``, ``--dino``, ``--clip-weights``);
 2. the weights folder named by ``$CDPDNET_WEIGHTS_DIR`` (what an air-gapped site copies in);
 3. the local cache, ``$CDPDNET_CACHE_DIR/weights`` or a per-user cache folder;
 4. the Hugging Face cache (``~/.cache/huggingface``), when another tool already downloaded it;
@@ -308,7 +308,7 @@ def resolve_clip(
     return resolve_component(
         "clip-vit-b-32",
         explicit=path,
-        argument="--clip",
+        argument="--clip-weights",
         allow_download=allow_download,
         progress=progress,
         downloader=downloader,
