@@ -5,6 +5,7 @@ Tiny models only (the full-size figures are benchmarks/bench_model.py's)."""
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -292,6 +293,21 @@ def test_inductor_cache_goes_to_the_user_cache_folder(monkeypatch, tmp_path) -> 
     assert inductor_cache_dir() == str(tmp_path / "inductor")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert inductor_cache_dir() == str(tmp_path / "mine")
+
+
+def test_inductor_cache_moves_from_the_default_that_importing_inductor_sets(monkeypatch, tmp_path) -> None:
+    """``import torch._inductor`` writes its /tmp default into $TORCHINDUCTOR_CACHE_DIR: that must
+    not count as the user's choice, or the cache would never reach the user cache folder."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from napari_cdpdnet.model.speedups import use_inductor_cache_dir
+
+    monkeypatch.setenv("CDPDNET_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    assert use_inductor_cache_dir() == str(tmp_path / "inductor")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert use_inductor_cache_dir() == str(tmp_path / "mine")
 
 
 @pytest.mark.slow

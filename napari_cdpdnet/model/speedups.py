@@ -31,7 +31,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["Speedups", "upsample_matmul", "pointwise_matmul", "Compiler", "inductor_cache_dir"]
+__all__ = ["Speedups", "upsample_matmul", "pointwise_matmul", "Compiler", "inductor_cache_dir",
+           "use_inductor_cache_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,13 +115,31 @@ def pointwise_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def inductor_cache_dir() -> str:
     """Where inductor keeps compiled kernels: ``$TORCHINDUCTOR_CACHE_DIR`` if the user set it,
-    else ``<napari-cdpdnet cache>/inductor`` (so a warm start survives reboots, unlike /tmp)."""
+    else ``<napari-cdpdnet cache>/inductor`` (so a warm start survives reboots, unlike /tmp).
+
+    ``import torch._inductor`` itself fills ``$TORCHINDUCTOR_CACHE_DIR`` with inductor's default
+    (``/tmp/torchinductor_<user>``), so a value equal to that default counts as not set."""
     env = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if env:
+    if env and os.path.abspath(env) != _inductor_default_dir():
         return env
     from napari_cdpdnet.weights.store import cache_dir
 
     return str(cache_dir() / "inductor")
+
+
+def _inductor_default_dir() -> str:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except Exception:  # noqa: BLE001 - another torch layout: no default to recognise
+        return ""
+    return os.path.abspath(default_cache_dir())
+
+
+def use_inductor_cache_dir() -> str:
+    """Point inductor at :func:`inductor_cache_dir` (before it compiles anything) and return it."""
+    path = inductor_cache_dir()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    return path
 
 
 class Compiler:
@@ -176,7 +195,7 @@ class Compiler:
             reason = self.unavailable_reason(device)
             if reason is not None:
                 return self._give_up(reason, fn, args, kwargs)
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", inductor_cache_dir())
+            use_inductor_cache_dir()
             compiled = torch.compile(fn, dynamic=None)
             self._compiled[name] = compiled
         try:
