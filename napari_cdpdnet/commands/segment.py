@@ -73,8 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="reduced precision where the hardware has a fast path: float16 on CUDA, bfloat16 on "
                         "CPUs with AMX/AVX-512-BF16 (faster, not bit-exact; default: the preset's)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile the model: ~1.15x faster per window on CPU after a first compile of "
-                        "minutes (seconds once cached); results within float round-off")
+                   help="torch.compile the model (opt-in): a first compile of minutes (seconds once cached), "
+                        "results within float round-off; the per-window gain varies (docs/model.md)")
     p.add_argument(
         "--box", type=float, nargs=6, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
         help="only segment inside this box: two opposite corners in patient LPS mm (DICOM coordinates)",

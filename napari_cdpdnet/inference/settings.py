@@ -95,8 +95,8 @@ class SegmentationSettings:
             labels outside it are background.
         return_probabilities: also return per-structure sigmoid maps on the source grid (before
             post-processing; float32, 4 bytes per voxel per structure).
-        compile: run the model through ``torch.compile`` (inductor): ~1.15x per window on CPU,
-            within ~1e-5 of the uncompiled logits, but the first run compiles for minutes
+        compile: run the model through ``torch.compile`` (inductor): 1.14-1.19x per window on a
+            quiet CPU, not shown under load (docs/model.md), within ~1e-4 of the uncompiled logits, but the first run compiles for minutes
             (seconds once inductor's cache in the napari-cdpdnet cache folder is warm). Where it
             cannot work, the run goes on without it and says why.
         window_order: ``"slices"`` (default) runs windows column by column along the model's
