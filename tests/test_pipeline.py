@@ -260,7 +260,10 @@ def test_presets_and_defaults() -> None:
     assert exact.effective_overlap == 0.5 and not exact.effective_skip_air
     fast = SegmentationSettings(preset="fast")
     assert fast.effective_overlap == 0.25 and fast.effective_skip_air and not fast.is_official
-    assert SegmentationSettings(preset="fast", overlap=0.5, skip_air=False).is_official
+    assert fast.effective_autocast and not exact.effective_autocast
+    # fast also uses reduced precision (issue 18): all three overridden give the official pipeline
+    assert not SegmentationSettings(preset="fast", overlap=0.5, skip_air=False).is_official
+    assert SegmentationSettings(preset="fast", overlap=0.5, skip_air=False, autocast=False).is_official
     assert exact.batch_size_for(torch.device("cpu")) == 1
     assert exact.batch_size_for(torch.device("cuda")) == 2
 

@@ -69,7 +69,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for inference")
     p.add_argument("--preset", choices=tuple(PRESETS), default=DEFAULT_PRESET, help=preset_help())
-    p.add_argument("--autocast", action="store_true", help="float16 autocast on CUDA (faster, not bit-exact)")
+    p.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=None,
+                   help="reduced precision where the hardware has a fast path: float16 on CUDA, bfloat16 on "
+                        "CPUs with AMX/AVX-512-BF16 (faster, not bit-exact; default: the preset's)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (opt-in): a first compile of minutes (seconds once cached), "
+                        "results within float round-off; the per-window gain varies (docs/model.md)")
     p.add_argument(
         "--box", type=float, nargs=6, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"),
         help="only segment inside this box: two opposite corners in patient LPS mm (DICOM coordinates)",
@@ -167,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     box = None if args.box is None else (tuple(args.box[:3]), tuple(args.box[3:]))
     settings = SegmentationSettings(
         preset=args.preset, device=args.device, threads=args.threads, autocast=args.autocast,
-        box=box, return_probabilities=any(FORMATS[name].needs_probabilities for name in formats),
+        compile=args.compile, box=box, return_probabilities=any(FORMATS[name].needs_probabilities for name in formats),
     )
     segmenter = Segmenter(checkpoint=args.checkpoint, dino=args.dino, allow_download=not args.offline,
                           **clip_settings(args))

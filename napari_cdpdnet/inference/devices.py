@@ -13,7 +13,13 @@ from napari_cdpdnet.errors import InputError
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-__all__ = ["resolve_device", "available_devices", "describe_devices"]
+__all__ = [
+    "resolve_device",
+    "available_devices",
+    "describe_devices",
+    "cpu_has_native_bf16",
+    "fast_autocast_dtype",
+]
 
 
 def _mps_available() -> bool:
@@ -87,3 +93,27 @@ def describe_devices() -> list[str]:
     if _mps_available():
         out.append("mps")
     return out
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bfloat16 natively (Intel AMX or AVX-512-BF16).
+
+    Without it, oneDNN emulates bfloat16 and autocast is slower than float32, so it is not used.
+    """
+    import torch
+
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, "_is_amx_tile_supported", None), getattr(cpu, "_is_avx512_bf16_supported", None)]
+    return any(bool(c()) for c in checks if callable(c))
+
+
+def fast_autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The reduced precision with a fast path on ``device``: float16 on CUDA, bfloat16 on CPUs
+    with native bfloat16, None elsewhere (MPS, older CPUs: autocast would not pay)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None

@@ -51,6 +51,7 @@ from napari_cdpdnet.inference.sliding_window import (
     Predictor,
     WindowPlan,
     plan_windows,
+    set_predictor_compile,
     sliding_window,
 )
 from napari_cdpdnet.inference.transforms import (
@@ -276,7 +277,7 @@ def segment_array(
     if not settings.is_official:
         logger.info("settings deviate from the official pipeline (preset %s, overlap %.2f, "
                     "skip_air %s, autocast %s)", settings.preset, settings.effective_overlap,
-                    settings.effective_skip_air, settings.autocast)
+                    settings.effective_skip_air, settings.effective_autocast)
     run = _Run(progress, should_stop)
     t_all = time.perf_counter()
     with _torch_threads(settings.threads):
@@ -364,6 +365,7 @@ def _run_passes(
     eta = EtaEstimator()
     t_start = time.perf_counter()
     run.timings["inference"] = run.timings["postprocess"] = 0.0
+    set_predictor_compile(predictor, settings.compile)
     for p, (task, structures) in enumerate(passes):
         t1 = time.perf_counter()
 
@@ -375,7 +377,8 @@ def _run_passes(
         out = sliding_window(
             pre.image, predictor, task, channels_needed(structures, rules), plan=plan,
             sw_batch_size=settings.batch_size_for(device), device=device,
-            autocast=settings.autocast, progress=on_window, should_stop=run.should_stop)
+            autocast=settings.effective_autocast, progress=on_window, should_stop=run.should_stop,
+            order=settings.window_order)
         raw = _threshold(out.logits, out.channels, box, plan.region, probs, structures,
                          settings.return_probabilities)
         del out

@@ -19,10 +19,15 @@ Data flow (one 96³ patch, official configuration):
 FiLM ("Alignment") flattens *all* organ (or task) text embeddings into one vector, so every
 modulation is a per-channel constant ``γ·x + β`` fixed by the weights: in no-grad evaluation the
 constants are computed once and cached (recomputed when any weight they depend on changes).
+
+Evaluation uses the exact speed-ups of :mod:`napari_cdpdnet.model.speedups` (DINO slice cache,
+matrix-multiply kernels, no needless copies; ``model.speedups``) and, opt-in,
+``torch.compile`` (``model.set_compile(True)``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 
@@ -32,8 +37,9 @@ from torch import nn
 
 from napari_cdpdnet.errors import InputError
 from napari_cdpdnet.model.config import CDPDNetConfig
-from napari_cdpdnet.model.dino import DinoSliceEncoder
+from napari_cdpdnet.model.dino import DinoSliceEncoder, SliceCache
 from napari_cdpdnet.model.lwca import LWCA
+from napari_cdpdnet.model.speedups import Compiler, Speedups, pointwise_matmul, upsample_matmul
 
 __all__ = ["CDPDNet", "CDPDNetModel", "Alignment", "build_model", "PATCH_SIZE", "film"]
 
@@ -55,10 +61,18 @@ def _padding(kernel: Sequence[int]) -> tuple[int, ...]:
     return tuple((k - 1) // 2 for k in kernel)
 
 
-def film(feature: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """``γ_c · feature + β_c`` with per-channel ``γ``, ``β`` of shape ``[C]`` (not ``1 + γ``)."""
+def film(
+    feature: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``γ_c · feature + β_c`` with per-channel ``γ``, ``β`` of shape ``[C]`` (not ``1 + γ``).
+
+    ``out`` (same dtype as ``feature``) receives the result, e.g. part of a concatenation buffer.
+    """
     shape = (1, -1) + (1,) * (feature.ndim - 2)
-    out = feature * gamma.view(shape).to(feature.dtype)
+    if out is None:
+        out = feature * gamma.view(shape).to(feature.dtype)
+    else:
+        torch.mul(feature, gamma.view(shape).to(feature.dtype), out=out)
     return out.add_(beta.view(shape).to(feature.dtype))
 
 
@@ -278,44 +292,79 @@ class CDPDNet(nn.Module):
         task_id: torch.Tensor,
         *,
         straightforward: bool = False,
+        speedups: Speedups | None = None,
     ) -> torch.Tensor:
         """Logits ``[B, num_classes, *x.shape[2:]]``; only ``task_id[0]`` selects the prompt.
 
         ``straightforward=True`` runs every module as the official code does (FiLM recomputed
         from the texts, every deep-supervision head evaluated); the result is the same.
+        ``speedups`` switches the exact matrix-multiply kernels (eval only; default: none).
         """
         if straightforward:
             organ = F.relu(self.text_to_vision(self.organ_embedding))
             task = F.relu(self.task_to_vision(self.task_embedding))
-            deep = [lambda f, i=i: self.deep_film_block[i](f, organ) for i in range(5)]
-            prompt_film = lambda f: self.promt_film_block(f, task)  # noqa: E731
+            coeffs = [blk.coefficients(organ) for blk in self.deep_film_block]
+            coeffs.append(self.promt_film_block.coefficients(task))
         else:
             coeffs = self.film_coefficients()
-            deep = [lambda f, c=c: film(f, *c) for c in coeffs[:5]]
-            prompt_film = lambda f: film(f, *coeffs[5])  # noqa: E731
+        return self.decode(x, dino_feats, task_id, coeffs, speedups, straightforward=straightforward)
 
+    def decode(
+        self,
+        x: torch.Tensor,
+        dino_feats: Sequence[torch.Tensor],
+        task_id: torch.Tensor,
+        coeffs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        speedups: Speedups | None = None,
+        *,
+        straightforward: bool = False,
+    ) -> torch.Tensor:
+        """The network given its FiLM constants (pure tensor code: what ``torch.compile`` sees)."""
+        sp = speedups or _NO_SPEEDUPS
         skips: list[torch.Tensor] = []
         for d in range(5):
             x = self.conv_blocks_context[d](x)
             if d in FUSED_STAGES:
                 y = self.adaptors[d - 1](dino_feats[d - FUSED_STAGES[0]], x.shape[2:])
-                x = self.crossatt[d - 1](x, y, straightforward)
+                x = self.crossatt[d - 1](x, y, straightforward, lean=sp.lean_lwca)
                 del y
             skips.append(x)
-        b = deep[4](self.conv_blocks_context[5](x))
-        prompt = prompt_film(self.intermedia_conv(b))
+        b = film(self.conv_blocks_context[5](x), *coeffs[4])
+        prompt = film(self.intermedia_conv(b), *coeffs[5])
         dyn = self.fusion_layer(torch.cat((b, prompt), dim=1))
         task_prompt = dyn.index_select(1, task_id[:1].to(dyn.device))
         x = torch.cat((b, task_prompt), dim=1)
         del b, prompt, dyn, task_prompt
         seg = None
         for u in range(5):
-            x = self.tu[u](x)
-            x = torch.cat((x, deep[4 - u](skips.pop())), dim=1)
+            skip = skips.pop()
+            if sp.matmul_upsampling:
+                x = self._upsample_and_join(x, skip, u, coeffs[4 - u])
+            else:
+                x = torch.cat((self.tu[u](x), film(skip, *coeffs[4 - u])), dim=1)
+            del skip
             x = self.conv_blocks_localization[u](x)
             if straightforward or u == 4:
-                seg = self.seg_outputs[u](x)
+                head = self.seg_outputs[u]
+                seg = pointwise_matmul(x, head.weight) if sp.matmul_head else head(x)
         return seg
+
+    def _upsample_and_join(
+        self, x: torch.Tensor, skip: torch.Tensor, u: int, coeffs: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        """``cat(tu[u](x), film(skip))`` with the upsampling as a matrix multiply written, like the
+        FiLM-ed skip, straight into the concatenation buffer (bit-identical to the modules)."""
+        weight = self.tu[u].weight
+        cout = weight.shape[1]
+        if x.dtype != skip.dtype:  # mixed precision (autocast): let torch.cat promote
+            return torch.cat((upsample_matmul(x, weight), film(skip, *coeffs)), dim=1)
+        buf = torch.empty((x.shape[0], cout + skip.shape[1], *skip.shape[2:]), dtype=x.dtype, device=x.device)
+        upsample_matmul(x, weight, out=buf)
+        film(skip, *coeffs, out=buf[:, cout:])
+        return buf
+
+
+_NO_SPEEDUPS = Speedups.none()
 
 
 class CDPDNetModel(nn.Module):
@@ -331,13 +380,19 @@ class CDPDNetModel(nn.Module):
             three hidden states, no final LayerNorm, only the last head, cached FiLM constants,
             and eval-mode calls run under ``torch.inference_mode``. False runs every module as
             the official code does (under ``no_grad`` in eval); both give the same logits.
-        autocast_dtype: None (default, float32) or ``torch.float16``/``torch.bfloat16`` to run
-            under ``torch.autocast`` on the model's device (meant for CUDA; changes results
-            slightly, outputs are still float32).
+        autocast_dtype: None (default: float32, or the caller's ``torch.autocast`` if any) or
+            ``torch.float16``/``torch.bfloat16`` to run under ``torch.autocast`` on the model's
+            device (changes results slightly, outputs are still float32).
+        speedups: the exact speed-ups used in efficient evaluation (:class:`Speedups`, all on;
+            ``Speedups.none()`` evaluates as before them, with the same logits).
+        slice_cache: the :class:`~napari_cdpdnet.model.dino.SliceCache` behind
+            ``speedups.slice_cache`` (bounded: see its docstring); ``clear_caches()`` empties it.
 
     Choose the device with ``model.to(device)``; inputs are moved to it. In eval mode the
-    output is a normal (not inference-mode) float32 tensor; in train mode gradients flow through
-    the CNN and the text/FiLM parameters, never into DINO.
+    output is a normal (not inference-mode) float32 tensor — unless the call itself runs under
+    ``torch.inference_mode`` and ``speedups.lean_calls`` is on, then it is an inference tensor
+    (no copy). In train mode gradients flow through the CNN and the text/FiLM parameters, never
+    into DINO, and no speed-up is used.
     """
 
     def __init__(self, config: CDPDNetConfig | None = None) -> None:
@@ -347,6 +402,10 @@ class CDPDNetModel(nn.Module):
         self.net = CDPDNet(self.config)
         self.efficient = True
         self._autocast_dtype: torch.dtype | None = None
+        self.speedups = Speedups()
+        self.slice_cache = SliceCache()
+        self._compiler = Compiler()
+        self._checked_task: tuple[torch.Tensor, int] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -379,6 +438,32 @@ class CDPDNetModel(nn.Module):
             raise ValueError(f"autocast dtype must be torch.float16, torch.bfloat16 or None, got {dtype}")
         self._autocast_dtype = dtype
 
+    @property
+    def compiled(self) -> bool:
+        """True when ``torch.compile`` is switched on and has not fallen back to eager mode."""
+        return self._compiler.enabled and self._compiler.failed is None
+
+    def set_compile(self, enabled: bool = True) -> bool:
+        """Run the CNN and the DINO encoder through ``torch.compile`` (inductor) in evaluation.
+
+        Not bit-exact (float round-off, ~1e-5 on the logits) and the first window pays the
+        compilation (minutes cold on a CPU; seconds with inductor's on-disk cache, kept in the
+        napari-cdpdnet cache folder). Where inductor cannot work the model logs why and runs
+        eagerly. Returns whether compilation is (still) on.
+        """
+        was = self._compiler.enabled
+        self._compiler.enable(enabled)
+        if enabled and not was and self._compiler.failed is None:
+            reason = Compiler.unavailable_reason(self.device)
+            if reason is not None:
+                self._compiler.failed = reason
+                logger.warning("torch.compile is not available here, running without it: %s", reason)
+        return self.compiled
+
+    def clear_caches(self) -> None:
+        """Free the DINO slice cache (it is bounded anyway; this returns its memory now)."""
+        self.slice_cache.clear()
+
     def _check_inputs(self, x: torch.Tensor, task_id: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(x, torch.Tensor) or x.ndim != 5 or x.shape[1] != 1 or tuple(x.shape[2:]) != PATCH_SIZE:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -392,21 +477,46 @@ class CDPDNetModel(nn.Module):
             task_id = torch.tensor([task_id])
         if not isinstance(task_id, torch.Tensor) or task_id.dtype.is_floating_point or task_id.numel() < 1:
             raise InputError(f"task_id must be an integer tensor [B], got {task_id!r}")
-        task_id = task_id.reshape(-1)
-        first = int(task_id[0])
-        if not 0 <= first < self.num_tasks:
-            raise InputError(f"task_id {first} is out of range: valid task ids are 0..{self.num_tasks - 1}")
         dev = self.device
-        return x.to(dev, torch.float32), task_id.to(dev, torch.int64)
+        checked = self._checked_task
+        if not (self.speedups.lean_calls and checked is not None and checked[0] is task_id
+                and checked[1] == task_id._version):
+            first = int(task_id.reshape(-1)[0])  # on CUDA: a device synchronisation
+            if not 0 <= first < self.num_tasks:
+                raise InputError(f"task_id {first} is out of range: valid task ids are 0..{self.num_tasks - 1}")
+            self._checked_task = (task_id, task_id._version)
+        return x.to(dev, torch.float32), task_id.reshape(-1).to(dev, torch.int64)
 
     def _run(self, x: torch.Tensor, task_id: torch.Tensor) -> torch.Tensor:
         straightforward = not self.efficient
         ac = self._autocast_dtype
-        with torch.autocast(x.device.type, dtype=ac or torch.bfloat16, enabled=ac is not None):
-            n = None if straightforward else self.net.dino_slices_used(x.shape[2])
-            feats = self.dino(x, n, straightforward=straightforward)
-            logits = self.net(x, feats, task_id, straightforward=straightforward)
+        # no autocast context at all when none is asked for: torch.autocast(enabled=False) would
+        # switch off a caller's autocast
+        ctx = torch.autocast(x.device.type, dtype=ac) if ac is not None else contextlib.nullcontext()
+        with ctx:
+            if straightforward:
+                feats = self.dino(x, None, straightforward=True)
+                logits = self.net(x, feats, task_id, straightforward=True)
+            elif self.training:
+                feats = self.dino(x, self.net.dino_slices_used(x.shape[2]))
+                logits = self.net(x, feats, task_id)
+            else:
+                logits = self._evaluate(x, task_id)
         return logits.float()
+
+    def _evaluate(self, x: torch.Tensor, task_id: torch.Tensor) -> torch.Tensor:
+        """Efficient evaluation with the speed-ups (and compilation when switched on)."""
+        sp = self.speedups
+        dev = x.device
+        comp = self._compiler
+
+        def encode(images: torch.Tensor) -> list[torch.Tensor]:
+            return comp.call("dino", self.dino.encode, dev, images, fused=sp.fused_dino)
+
+        cache = self.slice_cache if sp.slice_cache else None
+        feats = self.dino(x, self.net.dino_slices_used(x.shape[2]), cache=cache, encode=encode)
+        coeffs = self.net.film_coefficients()
+        return comp.call("cnn", self.net.decode, dev, x, feats, task_id, coeffs, sp)
 
     def forward(self, x: torch.Tensor, task_id: torch.Tensor | int) -> torch.Tensor:
         """Logits ``[B, num_classes, 96, 96, 96]`` (no sigmoid); only ``task_id[0]`` is used."""
@@ -416,6 +526,8 @@ class CDPDNetModel(nn.Module):
         if not self.efficient:
             with torch.no_grad():
                 return self._run(x, task_id)
+        if self.speedups.lean_calls and torch.is_inference_mode_enabled():
+            return self._run(x, task_id)  # the caller works on inference tensors: no copy
         with torch.inference_mode():
             out = self._run(x, task_id)
         return out.clone()
