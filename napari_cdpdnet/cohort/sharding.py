@@ -110,15 +110,10 @@ class JobPosition:
     @classmethod
     def detect(cls, shard: str | None = None, environ: Mapping[str, str] | None = None) -> JobPosition:
         """From torchrun's environment and ``--shard`` (else the Slurm array, else whole)."""
+        from napari_cdpdnet.inference.devices import torchrun_position
+
         env = os.environ if environ is None else environ
-        try:
-            world = int(env.get("WORLD_SIZE", "1"))
-            rank = int(env.get("RANK", env.get("LOCAL_RANK", "0")))
-            local = int(env.get("LOCAL_RANK", "0"))
-        except ValueError as exc:
-            raise InputError(f"bad torchrun environment (RANK/LOCAL_RANK/WORLD_SIZE): {exc}") from None
-        if world < 1 or not 0 <= rank < world:
-            raise InputError(f"bad torchrun environment: RANK {rank} of WORLD_SIZE {world}")
+        rank, local, world = torchrun_position(env)
         if shard is not None:
             index, count = parse_shard(shard)
             source = "--shard"

@@ -6,6 +6,8 @@ everywhere (CUDA, then MPS, then CPU) and an unusable device is refused with the
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from napari_cdpdnet.errors import InputError
@@ -14,6 +16,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = [
+    "torchrun_position",
     "resolve_device",
     "available_devices",
     "describe_devices",
@@ -117,3 +120,22 @@ def fast_autocast_dtype(device: torch.device) -> torch.dtype | None:
     if device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return None
+
+
+def torchrun_position(environ: Mapping[str, str] | None = None) -> tuple[int, int, int]:
+    """``(rank, local_rank, world_size)`` from torchrun's ``RANK``, ``LOCAL_RANK`` and
+    ``WORLD_SIZE`` (a single process: ``(0, 0, 1)``); shared by cohort runs and training.
+
+    Raises:
+        InputError: the variables are not integers, or the rank lies outside the world.
+    """
+    env = os.environ if environ is None else environ
+    try:
+        world = int(env.get("WORLD_SIZE", "1"))
+        rank = int(env.get("RANK", env.get("LOCAL_RANK", "0")))
+        local = int(env.get("LOCAL_RANK", "0"))
+    except ValueError as exc:
+        raise InputError(f"bad torchrun environment (RANK/LOCAL_RANK/WORLD_SIZE): {exc}") from None
+    if world < 1 or not 0 <= rank < world:
+        raise InputError(f"bad torchrun environment: RANK {rank} of WORLD_SIZE {world}")
+    return rank, local, world

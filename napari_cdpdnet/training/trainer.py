@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -74,13 +73,9 @@ class DistInfo:
     @classmethod
     def from_env(cls) -> DistInfo:
         """Read torchrun's ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``."""
-        try:
-            world = int(os.environ.get("WORLD_SIZE", "1"))
-            rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-        except ValueError as exc:
-            raise InputError(f"bad torchrun environment (RANK/LOCAL_RANK/WORLD_SIZE): {exc}") from None
-        return cls(rank, local, world)
+        from napari_cdpdnet.inference.devices import torchrun_position
+
+        return cls(*torchrun_position())
 
 
 def build_training_model(
