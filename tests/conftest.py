@@ -8,7 +8,7 @@ with the reason printed, where it is absent.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +103,14 @@ def notes(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
 
         monkeypatch.setattr(w, f"show_{kind}", capture)
     return seen
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Generator[None, Any, None]:
+    """A test skipped during set-up (shared data absent) after napari's viewer fixture ran
+    never gets napari's ``rep_call``; its teardown then raises AttributeError instead of
+    letting the skip stand. Give it the set-up report as ``rep_call``."""
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.when == "setup" and not rep.passed and not hasattr(item, "rep_call"):
+        item.rep_call = rep
