@@ -6,6 +6,8 @@ full-size model (random weights, seed 0: time does not depend on the weight valu
 
 * ``before``: every speed-up off (``Speedups.none()``: the model as it was before issue 18),
 * each speed-up of :class:`~napari_cdpdnet.model.speedups.Speedups` alone,
+* ``all bit-exact``: every speed-up that changes no bit of the logits (all but ``fast_norm`` and
+  ``channels_last``),
 * ``all``: every speed-up on (the default), and with ``--compile`` also ``all + compile`` (timed
   warm: a first pass compiles and is not counted),
 
@@ -112,6 +114,7 @@ def speedup_table(args: argparse.Namespace) -> int:
     variants: dict[str, tuple[Speedups, dict]] = {"before": (Speedups.none(), {})}
     for name in Speedups.names():
         variants[name] = (Speedups().only(name), {})
+    variants["all bit-exact"] = (Speedups.bit_exact(), {})
     variants["all"] = (Speedups(), {})
     if args.autocast:
         variants[f"all + {args.autocast}"] = (Speedups(), {"autocast": args.autocast})

@@ -1,5 +1,6 @@
 """The exact speed-ups of issue 18 change no result: DINO slice cache, matmul kernels, lean calls,
-window order; compile falls back cleanly; fast's reduced precision is chosen per device.
+window order bit for bit; the fast norm and the channels-last CNN within float32 round-off;
+compile falls back cleanly; fast's reduced precision is chosen per device.
 Tiny models only (the full-size figures are benchmarks/bench_model.py's)."""
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def test_slice_cache_follows_weight_changes_and_never_trusts_the_digest_alone(mo
     _run(model, wins[:1], Speedups())
     with torch.no_grad():  # new DINO weights: cached features must not be reused
         model.dino.vit.encoder.layer[-1].mlp.fc2.bias.add_(0.5)
-    model.speedups = Speedups()
+    model.speedups = Speedups.bit_exact()
     with torch.inference_mode():
         after = model(wins[1], TASK)
     torch.testing.assert_close(after, _run(model, wins[1:], Speedups.none())[0], rtol=0, atol=0)
@@ -96,7 +97,7 @@ def test_slice_cache_follows_weight_changes_and_never_trusts_the_digest_alone(mo
     import napari_cdpdnet.model.dino as dino
 
     monkeypatch.setattr(dino, "_slice_key", lambda pixels: ((96, 96), b"same"))
-    collided = _run(model, wins, Speedups())
+    collided = _run(model, wins, Speedups.bit_exact())
     plain = _run(model, wins, Speedups.none())
     for a, b in zip(plain, collided, strict=True):
         assert torch.equal(a, b)
@@ -133,6 +134,73 @@ def test_pointwise_head_as_matmul_is_bit_identical() -> None:
 def test_each_kernel_speedup_leaves_the_logits_bit_identical(tiny, column, name) -> None:
     plain = _run(tiny, column[:1], Speedups.none())[0]
     assert torch.equal(_run(tiny, column[:1], Speedups().only(name))[0], plain)
+
+
+@pytest.mark.parametrize("name", ["fast_norm", "channels_last"])
+def test_layout_and_norm_speedups_stay_within_float32_round_off(tiny, column, name) -> None:
+    """Not bit-identical (other summation orders), but as close to the plain model as two CPUs
+    of different kinds are to each other, and the same decisions wherever a logit is not ~0."""
+    plain = _run(tiny, column[:1], Speedups.none())[0]
+    for variant in (Speedups().only(name), Speedups()):
+        out = _run(tiny, column[:1], variant)[0]
+        assert out.shape == plain.shape and out.is_contiguous()
+        assert (out - plain).abs().max().item() <= 1e-4
+        decided = plain.abs() > 1e-3
+        assert torch.equal((out > 0)[decided], (plain > 0)[decided])
+
+
+def test_bit_exact_speedups_are_all_but_norm_and_layout() -> None:
+    exact = Speedups.bit_exact()
+    assert not exact.fast_norm and not exact.channels_last
+    assert all(getattr(exact, n) for n in Speedups.names() if n not in ("fast_norm", "channels_last"))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(1, 32, 24, 20, 16), (2, 8, 6, 6, 6), (1, 5, 3, 7, 2)])
+def test_fast_instance_norm_matches_pytorch_and_float64(shape, channels_last) -> None:
+    from napari_cdpdnet.model.speedups import instance_norm_act_, is_channels_last
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen) * 3 + 40  # a large mean: naive E[x²]-E[x]² would lose it
+    w, b = torch.rand(shape[1], generator=gen) + 0.5, torch.randn(shape[1], generator=gen)
+    ref = F.leaky_relu(F.instance_norm(x, weight=w, bias=b, eps=1e-5), 0.01)
+    ref64 = F.leaky_relu(F.instance_norm(x.double(), weight=w.double(), bias=b.double(), eps=1e-5), 0.01)
+    y = x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x.clone()
+    out = instance_norm_act_(y, w, b, 1e-5, 0.01)
+    assert out.data_ptr() == y.data_ptr()  # in place
+    assert is_channels_last(out) == (channels_last and shape[1] > 1)
+    assert (out - ref).abs().max().item() <= 1e-5
+    assert (out.double() - ref64).abs().max().item() <= 5 * max((ref.double() - ref64).abs().max().item(), 1e-6)
+
+
+@pytest.mark.parametrize(("cin", "cout", "kernel", "size"), [(16, 8, (1, 2, 2), (12, 6, 6)), (12, 8, (2, 2, 2), (6, 3, 3))])
+def test_matmul_kernels_take_channels_last_input(cin, cout, kernel, size) -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, cin, *size, generator=gen)
+    w = torch.randn(cin, cout, *kernel, generator=gen)
+    xcl = x.contiguous(memory_format=torch.channels_last_3d)
+    up = upsample_matmul(xcl, w)
+    assert up.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(up, F.conv_transpose3d(x, w, stride=kernel), rtol=1e-6, atol=1e-5)
+    head = torch.randn(4, cin, 1, 1, 1, generator=gen)
+    out = pointwise_matmul(xcl, head)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, F.conv3d(x, head), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize(("kernel", "bias"), [((1, 3, 3), True), ((3, 3, 3), False), ((3, 1, 5), True)])
+def test_one_channel_convolution_as_matmul_writes_channels_last(kernel, bias) -> None:
+    from napari_cdpdnet.model.speedups import conv_one_channel_cl
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 1, 9, 8, 7, generator=gen)
+    w = torch.randn(6, 1, *kernel, generator=gen)
+    b = torch.randn(6, generator=gen) if bias else None
+    out = conv_one_channel_cl(x, w, b)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(out, F.conv3d(x, w, b, padding=tuple(k // 2 for k in kernel)), rtol=1e-6, atol=1e-5)
+    with pytest.raises(ValueError, match="one input channel"):
+        conv_one_channel_cl(torch.zeros(1, 2, 4, 4, 4), torch.zeros(3, 2, 3, 3, 3), None)
 
 
 def test_fused_dino_block_equals_the_transformers_layer(tiny) -> None:
@@ -246,6 +314,7 @@ def test_compile_falls_back_with_a_clear_message_where_inductor_cannot_work(tiny
         assert model.set_compile(True) is False
     assert "torch.compile is not available here, running without it: no C++ compiler" in caplog.text
     assert not model.compiled
+    tiny.speedups = Speedups()
     with torch.inference_mode():
         assert torch.equal(model(column[0], TASK), tiny(column[0], TASK))
 

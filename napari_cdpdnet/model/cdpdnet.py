@@ -39,7 +39,14 @@ from napari_cdpdnet.errors import InputError
 from napari_cdpdnet.model.config import CDPDNetConfig
 from napari_cdpdnet.model.dino import DinoSliceEncoder, SliceCache
 from napari_cdpdnet.model.lwca import LWCA
-from napari_cdpdnet.model.speedups import Compiler, Speedups, pointwise_matmul, upsample_matmul
+from napari_cdpdnet.model.speedups import (
+    Compiler,
+    Speedups,
+    conv_one_channel_cl,
+    instance_norm_act_,
+    pointwise_matmul,
+    upsample_matmul,
+)
 
 __all__ = ["CDPDNet", "CDPDNetModel", "Alignment", "build_model", "PATCH_SIZE", "film"]
 
@@ -87,6 +94,35 @@ class ConvNormAct(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.leaky_relu(self.instnorm(self.conv(x)), LRELU_SLOPE, inplace=True)
 
+    def forward_fast(self, x: torch.Tensor, fast_norm: bool = True) -> torch.Tensor:
+        """:meth:`forward` in evaluation: the output keeps ``x``'s layout; ``fast_norm``: the norm
+        and activation of :func:`instance_norm_act_` (float32 on CPU)."""
+        y = self.conv(x)
+        return _norm_act(y, self.instnorm) if fast_norm else F.leaky_relu(self.instnorm(y), LRELU_SLOPE, inplace=True)
+
+
+def _norm_act(y: torch.Tensor, norm: nn.InstanceNorm3d) -> torch.Tensor:
+    if y.dtype != torch.float32 or y.device.type != "cpu":  # autocast or another device: as before
+        return F.leaky_relu(norm(y), LRELU_SLOPE, inplace=True)
+    return instance_norm_act_(y, norm.weight, norm.bias, norm.eps, LRELU_SLOPE)
+
+
+def run_blocks(module: nn.Module, x: torch.Tensor, fast: bool, channels_last: bool) -> torch.Tensor:
+    """``module(x)`` for a stack of conv blocks; ``fast``: each block's :meth:`forward_fast`;
+    ``channels_last``: every block's output in NDHWC layout."""
+    if not fast and not channels_last:
+        return module(x)
+    for blk in module.modules():
+        if isinstance(blk, MultiChannelConvNormAct):
+            x = blk.forward_fast(x, fast, channels_last)
+        elif isinstance(blk, ConvNormAct):
+            x = blk.forward_fast(x, fast)
+        else:
+            continue
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+    return x
+
 
 class MultiChannelConvNormAct(nn.Module):
     """First conv of stage 0: one alternative convolution per accepted input channel count.
@@ -108,6 +144,19 @@ class MultiChannelConvNormAct(nn.Module):
             raise InputError(f"the network takes {self.channel_options} input channels, got {c}")
         conv = getattr(self, f"conv_{c}")
         return F.leaky_relu(self.instnorm(conv(x)), LRELU_SLOPE, inplace=True)
+
+    def forward_fast(self, x: torch.Tensor, fast_norm: bool = True, channels_last: bool = False) -> torch.Tensor:
+        """:meth:`forward` in evaluation; ``channels_last``: a 1-channel CPU input is convolved by
+        :func:`conv_one_channel_cl` (NDHWC output)."""
+        c = x.shape[1]
+        if c not in self.channel_options:
+            raise InputError(f"the network takes {self.channel_options} input channels, got {c}")
+        conv = getattr(self, f"conv_{c}")
+        if channels_last and c == 1 and x.device.type == "cpu" and all(k % 2 for k in conv.kernel_size):
+            y = conv_one_channel_cl(x, conv.weight, conv.bias)
+        else:
+            y = conv(x)
+        return _norm_act(y, self.instnorm) if fast_norm else F.leaky_relu(self.instnorm(y), LRELU_SLOPE, inplace=True)
 
 
 class StackedConvLayers(nn.Module):
@@ -321,17 +370,24 @@ class CDPDNet(nn.Module):
     ) -> torch.Tensor:
         """The network given its FiLM constants (pure tensor code: what ``torch.compile`` sees)."""
         sp = speedups or _NO_SPEEDUPS
+        on_cpu = x.device.type == "cpu"
+        fast = sp.fast_norm and on_cpu and not straightforward and not torch.is_grad_enabled()
+        cl = sp.channels_last and on_cpu and not straightforward and not torch.is_grad_enabled()
+
+        def blocks(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
+            return run_blocks(module, h, fast, cl)
+
         skips: list[torch.Tensor] = []
         for d in range(5):
-            x = self.conv_blocks_context[d](x)
+            x = blocks(self.conv_blocks_context[d], x)
             if d in FUSED_STAGES:
                 y = self.adaptors[d - 1](dino_feats[d - FUSED_STAGES[0]], x.shape[2:])
                 x = self.crossatt[d - 1](x, y, straightforward, lean=sp.lean_lwca)
                 del y
             skips.append(x)
-        b = film(self.conv_blocks_context[5](x), *coeffs[4])
-        prompt = film(self.intermedia_conv(b), *coeffs[5])
-        dyn = self.fusion_layer(torch.cat((b, prompt), dim=1))
+        b = film(blocks(self.conv_blocks_context[5], x), *coeffs[4])
+        prompt = film(blocks(self.intermedia_conv, b), *coeffs[5])
+        dyn = blocks(self.fusion_layer, torch.cat((b, prompt), dim=1))
         task_prompt = dyn.index_select(1, task_id[:1].to(dyn.device))
         x = torch.cat((b, task_prompt), dim=1)
         del b, prompt, dyn, task_prompt
@@ -339,26 +395,31 @@ class CDPDNet(nn.Module):
         for u in range(5):
             skip = skips.pop()
             if sp.matmul_upsampling:
-                x = self._upsample_and_join(x, skip, u, coeffs[4 - u])
+                x = self._upsample_and_join(x, skip, u, coeffs[4 - u], cl)
             else:
                 x = torch.cat((self.tu[u](x), film(skip, *coeffs[4 - u])), dim=1)
             del skip
-            x = self.conv_blocks_localization[u](x)
+            x = blocks(self.conv_blocks_localization[u], x)
             if straightforward or u == 4:
                 head = self.seg_outputs[u]
                 seg = pointwise_matmul(x, head.weight) if sp.matmul_head else head(x)
-        return seg
+        return seg.contiguous()  # a no-op unless a channels-last head made NDHWC logits
 
     def _upsample_and_join(
-        self, x: torch.Tensor, skip: torch.Tensor, u: int, coeffs: tuple[torch.Tensor, torch.Tensor]
+        self, x: torch.Tensor, skip: torch.Tensor, u: int, coeffs: tuple[torch.Tensor, torch.Tensor],
+        channels_last: bool = False,
     ) -> torch.Tensor:
         """``cat(tu[u](x), film(skip))`` with the upsampling as a matrix multiply written, like the
-        FiLM-ed skip, straight into the concatenation buffer (bit-identical to the modules)."""
+        FiLM-ed skip, straight into the concatenation buffer (bit-identical to the modules).
+        ``channels_last``: the buffer is NDHWC (the skips after LWCA already are, the others are
+        when :attr:`Speedups.channels_last` is on); else NCDHW, as ``torch.cat`` makes it."""
         weight = self.tu[u].weight
         cout = weight.shape[1]
         if x.dtype != skip.dtype:  # mixed precision (autocast): let torch.cat promote
             return torch.cat((upsample_matmul(x, weight), film(skip, *coeffs)), dim=1)
-        buf = torch.empty((x.shape[0], cout + skip.shape[1], *skip.shape[2:]), dtype=x.dtype, device=x.device)
+        fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
+        buf = torch.empty((x.shape[0], cout + skip.shape[1], *skip.shape[2:]), dtype=x.dtype, device=x.device,
+                          memory_format=fmt)
         upsample_matmul(x, weight, out=buf)
         film(skip, *coeffs, out=buf[:, cout:])
         return buf
