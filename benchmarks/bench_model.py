@@ -21,12 +21,14 @@ channels (0 = bit-identical). ``--autocast bf16`` adds ``all + bf16`` (not exact
 ours in separate processes (peak memory of each), as before.
 
     python benchmarks/bench_model.py [--windows 5] [--rounds 2] [--threads 2] [--compile] [--autocast bf16]
+    python benchmarks/bench_model.py --allocator [--windows 5] [--rounds 2]
     python benchmarks/bench_model.py --straightforward [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -166,6 +168,51 @@ def speedup_table(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- allocator
+def allocator_table(args: argparse.Namespace) -> int:
+    """The column with every speed-up, once with glibc unmapping freed tensors (its default) and
+    once inside :func:`~napari_cdpdnet.inference.memory.reuse_freed_memory` (as the engine runs),
+    alternating per round: seconds, minor page faults and system CPU time per window."""
+    import resource
+
+    import torch
+
+    from napari_cdpdnet.inference import memory
+    from napari_cdpdnet.model import CDPDNetConfig, build_model
+    from napari_cdpdnet.model.dino import SliceCache
+    from napari_cdpdnet.model.speedups import Speedups
+
+    if not memory.available():
+        raise SystemExit("reusing freed memory needs Linux with glibc (and CDPDNET_REUSE_FREED_MEMORY not 0)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    wins, what = column_windows(args.windows)
+    model = build_model(CDPDNetConfig.official(), seed=0).eval()
+    task = torch.tensor([0])
+    print(f"{what}\nfull-size CDPDNet, every speed-up, {torch.get_num_threads()} threads; "
+          f"{args.rounds} round(s) of: default allocator, then freed memory reused", flush=True)
+    stats: dict[str, list[tuple[float, int, float]]] = {"unmapped (glibc default)": [], "reused": []}
+    for r in range(args.rounds):
+        for name in (list(stats) if r % 2 == 0 else list(stats)[::-1]):
+            ctx = memory.reuse_freed_memory() if name == "reused" else contextlib.nullcontext()
+            with ctx:
+                cache = SliceCache()
+                for i, w in enumerate(wins):
+                    r0 = resource.getrusage(resource.RUSAGE_SELF)
+                    t, _ = run_window(model, w, task, Speedups(), cache)
+                    r1 = resource.getrusage(resource.RUSAGE_SELF)
+                    if i:  # the first window of a column pays for the column's first slices
+                        stats[name].append((t, r1.ru_minflt - r0.ru_minflt, r1.ru_stime - r0.ru_stime))
+    print(f"\n{'allocator':26}{'s/window':>10}{'page faults':>14}{'system s':>10}")
+    for name, rows in stats.items():
+        n = len(rows)
+        print(f"{name:26}{sum(r[0] for r in rows) / n:>10.2f}{sum(r[1] for r in rows) // n:>14}"
+              f"{sum(r[2] for r in rows) / n:>10.2f}")
+    a, b = (sum(r[0] for r in rows) for rows in stats.values())
+    print(f"factor {a / b:.2f} (windows 2.. of the column, all rounds)")
+    return 0
+
+
 # --------------------------------------------------------------------------- straightforward vs ours
 def _worker(mode: str, repeats: int, threads: int | None, device: str, autocast: str | None) -> dict:
     import resource
@@ -238,6 +285,8 @@ def main() -> int:
     p.add_argument("--compile", action="store_true", help="also time all speed-ups + torch.compile (warm)")
     p.add_argument("--autocast", choices=("bf16", "fp16"), default=None,
                    help="add 'all + autocast' (CPU: bf16); with --straightforward: autocast both")
+    p.add_argument("--allocator", action="store_true",
+                   help="instead: every speed-up with glibc's default allocator vs freed memory reused")
     p.add_argument("--straightforward", action="store_true",
                    help="instead: official evaluation order vs ours, one random patch, separate processes")
     p.add_argument("--repeats", type=int, default=3, help="--straightforward: timed runs after a warm-up")
@@ -249,6 +298,8 @@ def main() -> int:
         return 0
     if args.straightforward:
         return straightforward_table(args)
+    if args.allocator:
+        return allocator_table(args)
     return speedup_table(args)
 
 

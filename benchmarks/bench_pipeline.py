@@ -5,9 +5,9 @@ Each scenario runs in a fresh child process so that its peak resident memory (``
 own. Two kinds of scenario:
 
 * ``real``: ``example_ct.nii.gz`` from the shared data, one structure (``--channels``, default
-  liver). ``before`` (preset ``exact``, MONAI's window order, every model speed-up off: the
-  computation as it was before issue 18) and ``after`` (``exact``, window order ``slices``, all
-  exact speed-ups, no compile) **alternate** ``--rounds`` times (default 2), each in a fresh child
+  liver). ``before`` (preset ``exact``, MONAI's window order, every model speed-up off, freed
+  memory unmapped by glibc: the computation as it was before issue 18) and ``after`` (``exact``,
+  window order ``slices``, all model speed-ups, freed memory reused, no compile) **alternate** ``--rounds`` times (default 2), each in a fresh child
   process: on a machine shared with others, neighbouring runs see similar load, and each child's
   peak RSS is its own. Printed per run: stage times, the time inside model calls, peak RSS and the
   load averages at its start and end; then the factors (sum over rounds and per round), whether
@@ -252,7 +252,8 @@ def child(args: argparse.Namespace) -> dict:
 
 def run_child(input_: str, preset: str, channels: list[int], args: argparse.Namespace,
               save: str = "", *, predictor: str | None = None, order: str = "slices",
-              compile: bool = False, label: str = "", prime_only: bool = False) -> dict:
+              compile: bool = False, label: str = "", prime_only: bool = False,
+              reuse_memory: bool = True) -> dict:
     cmd = [sys.executable, __file__, "--child", "--input", input_, "--preset", preset,
            "--predictor", predictor or args.predictor, "--device", args.device, "--task", str(args.task),
            "--channels", ",".join(map(str, channels)), "--save", save, "--order", order,
@@ -266,6 +267,8 @@ def run_child(input_: str, preset: str, channels: list[int], args: argparse.Name
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    if not reuse_memory:  # the engine before issue 18 let glibc unmap freed tensors
+        env["CDPDNET_REUSE_FREED_MEMORY"] = "0"
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"scenario failed:\n{proc.stderr}")
@@ -364,12 +367,13 @@ def real_scenario(args: argparse.Namespace) -> None:
         def path(name: str) -> str:
             return str(Path(tmp) / name)
 
-        print("exact before (every model speed-up off, MONAI window order: the computation before "
-              "issue 18) and exact after (exact speed-ups on, window order 'slices', no compile), "
-              "alternating, each in a fresh process", flush=True)
+        print("exact before (every model speed-up off, MONAI window order, freed memory unmapped: the "
+              "computation before issue 18) and exact after (all model speed-ups, window order 'slices', "
+              "freed memory reused, no compile), alternating, each in a fresh process", flush=True)
         for r in range(1, args.rounds + 1):
             rows["before"].append(run_child(str(ct), "exact", args.channels, args, save=path(f"before{r}.npy"),
-                                            predictor=before_predictor, order="monai", label=f"before #{r}"))
+                                            predictor=before_predictor, order="monai", label=f"before #{r}",
+                                            reuse_memory=False))
             rows["after"].append(run_child(str(ct), "exact", args.channels, args, save=path(f"after{r}.npy"),
                                            order="slices", label=f"after #{r}"))
             b, a = rows["before"][-1]["timings"]["total"], rows["after"][-1]["timings"]["total"]

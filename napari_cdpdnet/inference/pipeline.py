@@ -39,6 +39,7 @@ import numpy as np
 from napari_cdpdnet.errors import Cancelled, InputError
 from napari_cdpdnet.geometry import Geometry
 from napari_cdpdnet.inference.devices import resolve_device
+from napari_cdpdnet.inference.memory import reuse_freed_memory
 from napari_cdpdnet.inference.postprocess import (
     PostprocessRules,
     channels_needed,
@@ -374,11 +375,12 @@ def _run_passes(
             run.emit("inference", d, total, f"Window {d} of {total} (task {task})", t_start,
                      eta.eta(d, total))
 
-        out = sliding_window(
-            pre.image, predictor, task, channels_needed(structures, rules), plan=plan,
-            sw_batch_size=settings.batch_size_for(device), device=device,
-            autocast=settings.effective_autocast, progress=on_window, should_stop=run.should_stop,
-            order=settings.window_order)
+        with reuse_freed_memory():
+            out = sliding_window(
+                pre.image, predictor, task, channels_needed(structures, rules), plan=plan,
+                sw_batch_size=settings.batch_size_for(device), device=device,
+                autocast=settings.effective_autocast, progress=on_window, should_stop=run.should_stop,
+                order=settings.window_order)
         raw = _threshold(out.logits, out.channels, box, plan.region, probs, structures,
                          settings.return_probabilities)
         del out
