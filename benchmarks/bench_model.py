@@ -17,7 +17,9 @@ machine's changing load hits all variants alike; under ``torch.inference_mode`` 
 runs the model. Printed per variant: mean seconds per window, the factor over ``before`` (total
 time ratio) and the max |difference| of its logits from ``before`` over all windows and all 32
 channels (0 = bit-identical). ``--autocast bf16`` adds ``all + bf16`` (not exact; the max
-|diff| says how far). ``--straightforward`` instead compares the official evaluation order with
+|diff| says how far). ``--allocator`` instead times every speed-up with glibc's default
+allocator against freed memory reused as the engine runs (page faults, system time).
+``--straightforward`` instead compares the official evaluation order with
 ours in separate processes (peak memory of each), as before.
 
     python benchmarks/bench_model.py [--windows 5] [--rounds 2] [--threads 2] [--compile] [--autocast bf16]
