@@ -97,12 +97,13 @@ class ConvNormAct(nn.Module):
     def forward_fast(self, x: torch.Tensor, fast_norm: bool = True) -> torch.Tensor:
         """:meth:`forward` in evaluation: the output keeps ``x``'s layout; ``fast_norm``: the norm
         and activation of :func:`instance_norm_act_` (float32 on CPU)."""
-        y = self.conv(x)
-        return _norm_act(y, self.instnorm) if fast_norm else F.leaky_relu(self.instnorm(y), LRELU_SLOPE, inplace=True)
+        return _norm_act(self.conv(x), self.instnorm, fast_norm)
 
 
-def _norm_act(y: torch.Tensor, norm: nn.InstanceNorm3d) -> torch.Tensor:
-    if y.dtype != torch.float32 or y.device.type != "cpu":  # autocast or another device: as before
+def _norm_act(y: torch.Tensor, norm: nn.InstanceNorm3d, fast: bool) -> torch.Tensor:
+    """Norm and LeakyReLU; ``fast`` uses :func:`instance_norm_act_` for float32 CPU tensors (under
+    autocast or on another device the modules run as before)."""
+    if not fast or y.dtype != torch.float32 or y.device.type != "cpu":
         return F.leaky_relu(norm(y), LRELU_SLOPE, inplace=True)
     return instance_norm_act_(y, norm.weight, norm.bias, norm.eps, LRELU_SLOPE)
 
@@ -156,7 +157,7 @@ class MultiChannelConvNormAct(nn.Module):
             y = conv_one_channel_cl(x, conv.weight, conv.bias)
         else:
             y = conv(x)
-        return _norm_act(y, self.instnorm) if fast_norm else F.leaky_relu(self.instnorm(y), LRELU_SLOPE, inplace=True)
+        return _norm_act(y, self.instnorm, fast_norm)
 
 
 class StackedConvLayers(nn.Module):
