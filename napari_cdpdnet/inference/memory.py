@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import platform
@@ -35,20 +36,20 @@ _KEEP_TRIM_THRESHOLD = 1 << 30  # freed memory below 1 GB at the heap's top stay
 
 _lock = threading.Lock()
 _depth = 0
-_libc: ctypes.CDLL | None = None
-
-
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
-    global _libc
-    if _libc is None and sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
-        try:
-            lib = ctypes.CDLL("libc.so.6")
-            lib.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-            lib.malloc_trim.argtypes = [ctypes.c_size_t]
-            _libc = lib
-        except (OSError, AttributeError) as exc:  # another libc build: nothing to tune
-            logger.debug("glibc's mallopt is not available: %s", exc)
-    return _libc
+    """glibc, or None (another platform or libc); looked up once: ``platform.libc_ver`` reads the
+    interpreter's binary."""
+    if not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"):
+        return None
+    try:
+        lib = ctypes.CDLL("libc.so.6")
+        lib.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        lib.malloc_trim.argtypes = [ctypes.c_size_t]
+    except (OSError, AttributeError) as exc:  # another libc build: nothing to tune
+        logger.debug("glibc's mallopt is not available: %s", exc)
+        return None
+    return lib
 
 
 def available() -> bool:
